@@ -1,0 +1,1 @@
+"""mk's command line: one thin module per subcommand over mk.core."""

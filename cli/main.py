@@ -1,0 +1,19 @@
+"""Entry point of the `mk` console script.
+
+Each command module registers itself on import; none of them imports torch,
+transformers, onnxruntime, tensorrt or polars at module level, so `mk --help`
+stays fast (a test checks it).
+"""
+
+from __future__ import annotations
+
+from mk.cli import info  # noqa: F401  (registers commands)
+from mk.cli.app import app
+
+
+def main() -> None:
+    app(prog_name="mk")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The option vocabulary of mk, defined once: the same flag means the same thing
+in every command that takes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Output = Annotated[Path, typer.Option("-o", "--output", help="Artifact folder to write (atomically).")]
+OptionalOutput = Annotated[Optional[Path], typer.Option("-o", "--output", help="Artifact folder to write.")]
+Data = Annotated[Optional[Path], typer.Option(
+    "--data", help="Dataset artifact (from `mk prep`); defaults to the one in the input's lineage.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same result.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per batch.")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", min=8, help="Tokens per example.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout instead of the path.")]
+TrustPickle = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow pickled checkpoints (pytorch_model.bin); they can run code when loaded.")]
+
+
+def input_argument(help: str):
+    """A positional input path that may instead arrive on piped stdin."""
+    return typer.Argument(help=f"{help} Read from stdin when omitted and stdin is piped.",
+                          show_default=False)

@@ -1,0 +1,292 @@
+"""Artifacts: directories with a manifest `mk.json`, written atomically.
+
+Every step of mk reads one artifact and writes another. The manifest says what
+the artifact is (kind, format, task, labels), who made it from what (created_by,
+parent with its digest, dataset) and what it measured (metrics), and lists its
+files with sizes and sha256 so that a changed or truncated file is noticed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mk.core import __version__
+from mk.core.embedded import resolve_model
+from mk.core.errors import BadInput
+
+SCHEMA = 1
+MANIFEST = "mk.json"
+KINDS = ("dataset", "model")
+FORMATS = {"dataset": ("safetensors",), "model": ("safetensors", "onnx", "tensorrt")}
+REQUIRED = ("schema", "kind", "format", "labels", "created_by", "files")
+# Weights a plain Hugging Face folder may hold; pickles only with --trust-pickle.
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+HF_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(root: Path) -> list[dict]:
+    """Every file of an artifact but the manifest: name (relative), bytes, sha256."""
+    root = Path(root)
+    return [
+        {"name": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    ]
+
+
+def created_by() -> dict:
+    """The exact command line and mk version that made an artifact."""
+    argv = [os.path.basename(sys.argv[0]) if sys.argv else "mk", *sys.argv[1:]]
+    return {
+        "command": shlex.join(argv),
+        "mk_version": __version__,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclass
+class Artifact:
+    """An artifact on disk; a plain Hugging Face folder gets a synthesized manifest."""
+
+    path: Path
+    manifest: dict
+
+    kind = property(lambda self: self.manifest["kind"])
+    format = property(lambda self: self.manifest["format"])
+    task = property(lambda self: self.manifest.get("task"))
+    labels = property(lambda self: self.manifest.get("labels") or [])
+    metrics = property(lambda self: self.manifest.get("metrics") or {})
+    has_manifest = property(lambda self: (self.path / MANIFEST).is_file())
+
+    def digest(self) -> str:
+        """sha256 of the manifest (which holds every file's sha256), or of the files
+        of a plain folder: what a child records as its parent's identity."""
+        if self.has_manifest:
+            return sha256_file(self.path / MANIFEST)
+        h = hashlib.sha256()
+        for e in file_entries(self.path):
+            h.update(f"{e['name']}\0{e['sha256']}\n".encode())
+        return h.hexdigest()
+
+    def ref(self) -> dict:
+        """How a manifest points at this artifact: path and digest."""
+        return {"path": str(self.path.resolve()), "sha256": self.digest()}
+
+    def _linked(self, key: str) -> Path | None:
+        link = self.manifest.get(key)
+        if not link or not link.get("path"):
+            return None
+        p = Path(link["path"])
+        return p if p.is_absolute() else (self.path / p).resolve()
+
+    def parent_path(self) -> Path | None:
+        return self._linked("parent")
+
+    def dataset_path(self) -> Path | None:
+        """The dataset this artifact was trained or calibrated on, if it says."""
+        return self._linked("dataset")
+
+    def lineage(self) -> list[tuple[Artifact | None, dict]]:
+        """This artifact and its ancestors, newest first, following `parent` links.
+
+        Each entry is (artifact or None when the parent is gone, the link followed);
+        a parent whose digest changed since is flagged with link["changed"]."""
+        chain: list[tuple[Artifact | None, dict]] = [(self, {"path": str(self.path)})]
+        seen = {self.path.resolve()}
+        current = self
+        while (p := current.parent_path()) is not None and p not in seen:
+            seen.add(p)
+            link = dict(current.manifest["parent"])
+            if not p.exists():
+                chain.append((None, link | {"missing": True}))
+                break
+            parent = open_artifact(p)
+            link["changed"] = bool(link.get("sha256")) and link["sha256"] != parent.digest()
+            chain.append((parent, link))
+            current = parent
+        return chain
+
+    def weights_file(self) -> Path | None:
+        for name in (*HF_WEIGHTS, "model.onnx", "model.plan"):
+            if (self.path / name).is_file():
+                return self.path / name
+        return None
+
+
+def _synthesize_hf_manifest(path: Path) -> dict:
+    """A plain Hugging Face model folder reads as a model artifact in safetensors format."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path / 'config.json'}: unreadable Hugging Face config ({e})") from None
+    archs = config.get("architectures") or []
+    task = ("image-classification" if any("ImageClassification" in a for a in archs) else
+            "text-classification" if any("SequenceClassification" in a for a in archs) else
+            "feature-extraction")
+    id2label = config.get("id2label") or {}
+    labels = [id2label[k] for k in sorted(id2label, key=int)] if task != "feature-extraction" else []
+    return {
+        "schema": SCHEMA, "kind": "model", "format": "safetensors", "task": task, "labels": labels,
+        "created_by": {"command": None, "note": "plain Hugging Face folder"},
+        "parent": None, "dataset": None, "metrics": {}, "files": None,
+    }
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and validate `mk.json`, naming the file and each problem found."""
+    mpath = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{mpath}: corrupt manifest, not JSON ({e.msg} at line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{mpath}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BadInput(f"{mpath}: corrupt manifest, expected a JSON object")
+    problems = [f"missing {k!r}" for k in REQUIRED if k not in manifest]
+    if manifest.get("schema", SCHEMA) > SCHEMA:
+        problems.append(f"schema {manifest['schema']} is newer than this mk understands ({SCHEMA})")
+    kind = manifest.get("kind")
+    if kind is not None and kind not in KINDS:
+        problems.append(f"unknown kind {kind!r}")
+    elif kind and manifest.get("format") not in FORMATS[kind]:
+        problems.append(f"unknown format {manifest.get('format')!r} for a {kind}")
+    if problems:
+        raise BadInput(f"{mpath}: invalid manifest: {'; '.join(problems)}")
+    return manifest
+
+
+def open_artifact(path: str | Path, kind: str | None = None, trust_pickle: bool = False) -> Artifact:
+    """Open an artifact (or a plain Hugging Face model folder, or an embedded model
+    name such as `minilm`), checking that it is of the expected kind."""
+    path = resolve_model(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise BadInput(f"{path}: not an artifact (artifacts are directories with {MANIFEST})",
+                       hint="pass the artifact's folder, not a file inside it")
+    if (path / MANIFEST).exists():
+        art = Artifact(path, read_manifest(path))
+    elif (path / "config.json").is_file():
+        if not any((path / w).is_file() for w in HF_WEIGHTS):
+            if any((path / w).is_file() for w in HF_PICKLES) and not trust_pickle:
+                raise BadInput(f"{path}: weights are a pickled checkpoint (pytorch_model.bin), "
+                               "which can run code when loaded",
+                               hint="convert it to safetensors, or pass --trust-pickle if you trust its source")
+            if not any((path / w).is_file() for w in HF_PICKLES):
+                raise BadInput(f"{path}: Hugging Face folder without weights (no model.safetensors)")
+        art = Artifact(path, _synthesize_hf_manifest(path))
+    else:
+        raise BadInput(f"{path}: not an artifact: no {MANIFEST} and no Hugging Face config.json",
+                       hint="make one with `mk prep` or `mk tune`, or pass a model folder")
+    if kind and art.kind != kind:
+        raise BadInput(f"{path}: is a {art.kind} artifact, expected a {kind}")
+    return art
+
+
+def write_manifest(root: Path, *, kind: str, format: str, labels: list[str], task: str | None = None,
+                   parent: Artifact | None = None, dataset: Artifact | None = None,
+                   metrics: dict | None = None, **extra) -> dict:
+    """Write `mk.json` into a finished artifact folder (call last: it lists the files)."""
+    manifest = {
+        "schema": SCHEMA, "kind": kind, "format": format, "task": task, "labels": list(labels),
+        "created_by": created_by(),
+        "parent": parent.ref() if parent else None,
+        "dataset": dataset.ref() if dataset else None,
+        "metrics": metrics or {},
+        **extra,
+        "files": file_entries(root),
+    }
+    (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def check_output(out: Path, force: bool) -> Path:
+    """Refuse to overwrite an existing output without --force; say so before any work."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise BadInput(f"{out}: already exists", hint="pass --force to overwrite it, or choose another -o")
+    if not out.parent.exists():
+        raise BadInput(f"{out.parent}: the output's parent folder does not exist")
+    return out
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` and `with` block cleans up."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """Within the block SIGTERM unwinds the stack like SIGINT does (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def atomic_output(out: str | Path, force: bool = False):
+    """Yield a temporary sibling folder; rename it to `out` only when the block ends
+    cleanly. On an exception, SIGINT or SIGTERM the temporary folder is removed
+    and an existing `out` is left as it was."""
+    out = check_output(Path(out), force)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with terminate_as_interrupt():
+            yield tmp
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            else:
+                tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def require(condition: bool, message: str, hint: str | None = None) -> None:
+    """Validate at the boundary: a false condition is a bad-input error."""
+    if not condition:
+        raise BadInput(message, hint)
+
+
+def human_bytes(n: float) -> str:
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"

@@ -1,0 +1,68 @@
+"""Where mk talks to people: stderr only, quiet or verbose, progress only on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager
+
+from rich.console import Console
+
+# rich honours NO_COLOR by itself; stderr keeps stdout free for results.
+console = Console(stderr=True, highlight=False)
+log = logging.getLogger("mk")
+_state = {"verbosity": 0}
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    """Set up logging on stderr: -q shows warnings only, -v shows debug lines."""
+    from rich.logging import RichHandler
+
+    _state["verbosity"] = -1 if quiet else (1 if verbose else 0)
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    log.handlers[:] = [RichHandler(console=console, show_time=False, show_path=False, markup=False)]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def quiet() -> bool:
+    return _state["verbosity"] < 0
+
+
+def interactive() -> bool:
+    """Progress bars only when a person watches stderr."""
+    return sys.stderr.isatty() and not quiet()
+
+
+class _Progress:
+    """Advances a rich bar on a terminal; elsewhere logs a line every ~10 s."""
+
+    def __init__(self, description: str, total: int | None, bar):
+        self.description, self.total, self.bar = description, total, bar
+        self.done = 0
+        self._task = bar.add_task(description, total=total, info="") if bar else None
+        self._last_log = time.monotonic()
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self._task, advance=n, info=info)
+        elif time.monotonic() - self._last_log > 10 and not quiet():
+            self._last_log = time.monotonic()
+            of = f"/{self.total}" if self.total else ""
+            log.info("%s: %d%s %s", self.description, self.done, of, info)
+
+
+@contextmanager
+def progress(description: str, total: int | None = None):
+    """`with progress("training", total=n) as p: p.advance(1, info="loss 0.3")`."""
+    if not interactive():
+        yield _Progress(description, total, None)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=True) as bar:
+        yield _Progress(description, total, bar)

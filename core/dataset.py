@@ -1,0 +1,74 @@
+"""Dataset artifacts: read splits as numpy arrays and cut them into batches.
+
+A dataset artifact holds `train/val/test.safetensors`, each with `input_ids`
+(int32, padded to the dataset's max length), `attention_mask` (int8) and
+`labels` (int64) — optionally `token_type_ids` for sentence pairs — or
+`pixel_values` (float32) for images. Reading is numpy-only so that ONNX
+Runtime paths never need torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mk.core.artifact import Artifact, open_artifact
+from mk.core.errors import BadInput
+from mk.core.safetensors_info import read_header
+
+SPLITS = ("train", "val", "test")
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def split_file(dataset: Artifact, split: str) -> Path:
+    return dataset.path / f"{split}.safetensors"
+
+
+def load_split(dataset: Artifact, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """One split as numpy arrays (the first `limit` rows when given)."""
+    from safetensors.numpy import load_file
+
+    if split not in SPLITS:
+        raise BadInput(f"unknown split {split!r}; a dataset has {', '.join(SPLITS)}")
+    path = split_file(dataset, split)
+    if not path.is_file():
+        raise BadInput(f"{path}: the dataset has no {split} split")
+    read_header(path)  # a truncated file is named as such, not as a loader crash
+    arrays = load_file(str(path))
+    if "labels" not in arrays or not ({"input_ids", "pixel_values"} & arrays.keys()):
+        raise BadInput(f"{path}: not a dataset split (needs labels and input_ids or pixel_values)")
+    return {k: v[:limit] for k, v in arrays.items()} if limit else arrays
+
+
+def num_rows(split: dict[str, np.ndarray]) -> int:
+    return len(split["labels"])
+
+
+def batches(split: dict[str, np.ndarray], batch_size: int, start: int = 0):
+    """Yield (inputs, labels) batches in order; text batches are cut to their
+    longest real sequence, so padding to the dataset's max length costs nothing."""
+    n = num_rows(split)
+    for i in range(start, n, batch_size):
+        inputs = {k: v[i:i + batch_size] for k, v in split.items() if k != "labels"}
+        if "attention_mask" in inputs:
+            width = max(int(inputs["attention_mask"].sum(axis=1).max()), 1)
+            inputs = {k: (v[:, :width] if k in TEXT_KEYS else v) for k, v in inputs.items()}
+        yield inputs, split["labels"][i:i + batch_size]
+
+
+def open_dataset(path: str | Path) -> Artifact:
+    return open_artifact(path, kind="dataset")
+
+
+def dataset_for(model: Artifact, data: str | Path | None) -> Artifact:
+    """`--data` when given, else the dataset recorded in the model's lineage."""
+    if data is not None:
+        return open_dataset(data)
+    for art, _ in model.lineage():
+        if art is not None and (p := art.dataset_path()) is not None:
+            if not p.exists():
+                raise BadInput(f"{model.path}: its lineage names the dataset {p}, which no longer exists",
+                               hint="pass --data DATASET")
+            return open_dataset(p)
+    raise BadInput(f"{model.path}: no dataset in its lineage", hint="pass --data DATASET (made by `mk prep`)")

@@ -1,0 +1,91 @@
+"""What `mk info` shows: an artifact's identity, files, size, parameters and lineage,
+read from the manifest and safetensors headers only (no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mk.core.artifact import MANIFEST, Artifact, file_entries, open_artifact
+from mk.core.errors import BadInput
+from mk.core.safetensors_info import parameter_count
+
+
+def count_parameters(art: Artifact) -> int | None:
+    """Parameters from safetensors headers; from the ONNX initializers for ONNX."""
+    if art.kind != "model":
+        return None
+    shards = sorted(art.path.glob("*.safetensors"))
+    if shards:
+        return sum(parameter_count(p) for p in shards)
+    if art.format == "onnx" and (art.path / "model.onnx").is_file():
+        import onnx  # light: protobuf only
+
+        try:
+            model = onnx.load(str(art.path / "model.onnx"), load_external_data=False)
+        except Exception as e:  # onnx raises DecodeError and friends for corrupt files
+            raise BadInput(f"{art.path / 'model.onnx'}: corrupt ONNX file ({e})") from None
+        total = 0
+        for init in model.graph.initializer:
+            n = 1
+            for d in init.dims:
+                n *= d
+            total += n
+        return total
+    return None
+
+
+def check_files(art: Artifact) -> list[str]:
+    """Files whose size differs from the manifest, or that are gone (sha256 is
+    left to --verify: hashing gigabytes is not what `info` should cost)."""
+    listed = art.manifest.get("files") or []
+    problems = []
+    for entry in listed:
+        p = art.path / entry["name"]
+        if not p.is_file():
+            problems.append(f"{entry['name']}: missing")
+        elif p.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['name']}: {p.stat().st_size} bytes, manifest says {entry['bytes']}")
+    return problems
+
+
+def describe(path: str | Path, lineage: bool = False, verify: bool = False) -> dict:
+    art = open_artifact(path)
+    files = art.manifest.get("files") or [
+        {"name": e["name"], "bytes": e["bytes"]} for e in file_entries(art.path)]
+    problems = check_files(art)
+    if verify and art.has_manifest:
+        actual = {e["name"]: e["sha256"] for e in file_entries(art.path)}
+        problems += [f"{e['name']}: sha256 differs from the manifest"
+                     for e in art.manifest["files"] if actual.get(e["name"], e["sha256"]) != e["sha256"]]
+    info = {
+        "path": str(art.path),
+        "kind": art.kind,
+        "format": art.format,
+        "task": art.task,
+        "labels": art.labels,
+        "has_manifest": art.has_manifest,
+        "files": [{"name": f["name"], "bytes": f["bytes"]} for f in files],
+        "bytes": sum(f["bytes"] for f in files),
+        "parameters": count_parameters(art),
+        "created_by": art.manifest.get("created_by"),
+        "parent": art.manifest.get("parent"),
+        "dataset": art.manifest.get("dataset"),
+        "metrics": art.metrics,
+        "problems": problems,
+    }
+    for key in ("splits", "max_length", "truncation_rate", "cleaning", "source"):
+        if key in art.manifest:
+            info[key] = art.manifest[key]
+    if lineage:
+        info["lineage"] = [
+            {"path": link.get("path") if a is None else str(a.path),
+             "kind": a.kind if a else None, "format": a.format if a else None,
+             "command": (a.manifest.get("created_by") or {}).get("command") if a else None,
+             "metrics": a.metrics if a else {},
+             "missing": bool(link.get("missing")), "changed": bool(link.get("changed"))}
+            for a, link in art.lineage()
+        ]
+    return info
+
+
+__all__ = ["describe", "count_parameters", "MANIFEST"]

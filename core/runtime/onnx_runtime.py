@@ -1,0 +1,67 @@
+"""ONNX Runtime inference of an exported model (`model.onnx` in the artifact)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mk.core.artifact import Artifact
+from mk.core.errors import BadInput
+
+_NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+                "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
+def providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        return ["CPUExecutionProvider"]
+    raise BadInput(f"--device {device}: this onnxruntime has no CUDA provider ({', '.join(available)})",
+                   hint="pip install 'mk[gpu]' (onnxruntime-gpu), or use --device cpu")
+
+
+def open_session(path, device: str = "auto", threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers_for(device))
+    except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+        raise BadInput(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def __init__(self, art: Artifact, device: str = "auto", threads: int | None = None):
+        path = art.path / "model.onnx"
+        if not path.is_file():
+            raise BadInput(f"{art.path}: ONNX artifact without model.onnx")
+        self.artifact = art
+        self.session = open_session(path, device, threads)
+        self.device = "cuda:0" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.threads = threads
+        self.inputs = {i.name: _NUMPY_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
+        self.output = self.session.get_outputs()[0].name
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: np.ascontiguousarray(batch[k], dtype=t) for k, t in self.inputs.items() if k in batch}
+        if "token_type_ids" in self.inputs and "token_type_ids" not in batch:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"], dtype=self.inputs["token_type_ids"])
+        missing = set(self.inputs) - set(feed)
+        if missing:
+            raise BadInput(f"{self.artifact.path}: the model needs inputs {sorted(missing)} the data lacks")
+        return self.session.run([self.output], feed)[0].astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": self.device, "threads": self.threads,
+                "providers": self.session.get_providers()}

@@ -1,0 +1,58 @@
+"""Eager PyTorch inference of a Hugging Face classifier folder."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mk.core.artifact import Artifact
+from mk.core.device import resolve_device
+from mk.core.errors import BadInput
+
+
+def load_classifier(path, task: str | None, num_labels: int | None = None, dtype=None):
+    """AutoModelFor{Sequence,Image}Classification from a folder, quietly and offline.
+
+    `num_labels` gives a fresh head of that size to a base encoder (`mk tune`)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    auto = (transformers.AutoModelForImageClassification if task == "image-classification"
+            else transformers.AutoModelForSequenceClassification)
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, art: Artifact, device: str = "auto", threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.device = resolve_device(device)
+        self.artifact = art
+        self.model = load_classifier(art.path, art.task).to(self.device).eval()
+        self._accepts_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        feed = {}
+        for k, v in batch.items():
+            if k == "token_type_ids" and not self._accepts_token_types:
+                continue
+            t = torch.from_numpy(np.ascontiguousarray(v))
+            feed[k] = (t.float() if k == "pixel_values" else t.long()).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            logits = self.model(**feed).logits
+        return logits.float().cpu().numpy()  # .cpu() synchronises CUDA
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": self.device, "threads": self.threads}
