@@ -72,3 +72,15 @@ def dataset_for(model: Artifact, data: str | Path | None) -> Artifact:
                                hint="pass --data DATASET")
             return open_dataset(p)
     raise BadInput(f"{model.path}: no dataset in its lineage", hint="pass --data DATASET (made by `mk prep`)")
+
+
+def save_split(root: Path, split: str, arrays: dict[str, np.ndarray]) -> Path:
+    """Write one split in the contract's dtypes (input_ids int32, attention_mask and
+    token_type_ids int8, labels int64, pixel_values float32)."""
+    from safetensors.numpy import save_file
+
+    dtypes = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8,
+              "labels": np.int64, "pixel_values": np.float32}
+    path = Path(root) / f"{split}.safetensors"
+    save_file({k: np.ascontiguousarray(v, dtype=dtypes.get(k)) for k, v in arrays.items()}, str(path))
+    return path

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny models built from a config with the real MiniLM
+tokenizer, and a tiny dataset artifact of real tweets, so tests run in seconds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where torch sees a CUDA device."""
+    try:
+        import torch
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from mk.core.embedded import model_path
+    return model_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def tweets_rows() -> list[tuple[str, str]]:
+    """(text, label) rows of the real embedded dataset, read lossily like `mk prep` does."""
+    from mk.core.embedded import data_path
+    raw = data_path("tweets").read_bytes().decode("utf-8", errors="replace")
+    return [(r["text"], r["sentiment"]) for r in csv.DictReader(io.StringIO(raw))]
+
+
+def make_tiny_model(out: Path, tokenizer_dir: Path, labels=LABELS, seed: int = 0, layers: int = 2) -> Path:
+    """A BERT classifier with hidden size 32 and the real MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        num_labels=len(labels), id2label=dict(enumerate(labels)),
+                        label2id={l: i for i, l in enumerate(labels)})
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", minilm_dir)
+
+
+def make_tiny_dataset(out: Path, tokenizer_dir: Path, rows, sizes=(120, 30, 30), max_length: int = 32) -> Path:
+    """A dataset artifact in the contract's layout, from real rows, round-robin by label."""
+    from transformers import AutoTokenizer
+
+    from mk.core.artifact import write_manifest
+    from mk.core.dataset import save_split
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    by_label = {l: [t for t, lab in rows if lab == l] for l in LABELS}
+    picked = [(by_label[l][i], j) for i in range(sum(sizes)) for j, l in enumerate(LABELS)][: sum(sizes)]
+    out.mkdir(parents=True)
+    start = 0
+    for split, n in zip(("train", "val", "test"), sizes):
+        chunk = picked[start:start + n]
+        start += n
+        enc = tok([t for t, _ in chunk], padding="max_length", truncation=True, max_length=max_length,
+                  return_tensors="np")
+        save_split(out, split, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                "labels": np.array([j for _, j in chunk])})
+    tok.save_pretrained(str(out))
+    write_manifest(out, kind="dataset", format="safetensors", task="text-classification", labels=LABELS,
+                   max_length=max_length, splits=dict(zip(("train", "val", "test"), sizes)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, minilm_dir, tweets_rows) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", minilm_dir, tweets_rows)
+
+
+def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=None, check=False):
+    """Run the real `mk` console script in a subprocess (stdout and stderr apart)."""
+    mk = Path(sys.executable).with_name("mk")
+    proc = subprocess.run([str(mk), *args], input=input, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mk {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
