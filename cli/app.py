@@ -19,7 +19,7 @@ app = typer.Typer(
          "\b\n  mk prep tweets -o data | mk tune --model minilm -o tuned \\\n"
          "    | mk quant -o int8 | mk bench",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion SHELL
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,

@@ -1,0 +1,111 @@
+"""Manifests, lineage and atomic writes: the contract every step relies on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mk.core.artifact import MANIFEST, atomic_output, open_artifact, write_manifest
+from mk.core.errors import BadInput
+
+
+def _make(path, parent=None, dataset=None, kind="model", content=b"weights"):
+    with atomic_output(path) as tmp:
+        (tmp / "payload.bin").write_bytes(content)
+        write_manifest(tmp, kind=kind, format="safetensors", labels=["a", "b"], task="text-classification",
+                       parent=parent, dataset=dataset, metrics={"accuracy": 0.5})
+    return open_artifact(path)
+
+
+def test_manifest_round_trip_lists_files_with_sizes_and_hashes(tmp_path):
+    art = _make(tmp_path / "m")
+    m = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    assert m["schema"] == 1 and m["kind"] == "model" and m["labels"] == ["a", "b"]
+    assert m["files"] == [{"name": "payload.bin", "bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}]
+    assert m["created_by"]["command"] and m["created_by"]["mk_version"]
+    assert art.metrics == {"accuracy": 0.5} and art.task == "text-classification"
+
+
+def test_lineage_follows_parents_and_notices_a_changed_parent(tmp_path):
+    data = _make(tmp_path / "data", kind="dataset")
+    a = _make(tmp_path / "a", dataset=data)
+    b = _make(tmp_path / "b", parent=a)
+    c = _make(tmp_path / "c", parent=b)
+    chain = c.lineage()
+    assert [art.path.name for art, _ in chain] == ["c", "b", "a"]
+    assert not any(link.get("changed") for _, link in chain)
+    assert c.manifest["parent"]["sha256"] == b.digest()
+    # the dataset default comes from the lineage
+    from mk.core.dataset import dataset_for
+    assert dataset_for(c, None).path == data.path.resolve()
+    # rewriting b (a new run) changes its digest: c's link is flagged
+    _make(tmp_path / "b2", parent=a)
+    (tmp_path / "b" / MANIFEST).write_text((tmp_path / "b2" / MANIFEST).read_text().replace("b2", "b"))
+    assert open_artifact(tmp_path / "c").lineage()[1][1]["changed"]
+
+
+def test_atomic_output_leaves_nothing_on_failure_and_keeps_existing_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    _make(out)
+    with pytest.raises(BadInput, match="already exists"):
+        with atomic_output(out):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_output(out, force=True) as tmp:
+            raise RuntimeError("boom")
+    assert (out / "payload.bin").read_bytes() == b"weights"  # the old output survives a failed --force
+    with atomic_output(out, force=True) as tmp:
+        (tmp / "new.bin").write_bytes(b"n")
+    assert [p.name for p in out.iterdir()] == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_middle_of_writing_leaves_nothing(tmp_path, sig):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from mk.core.artifact import atomic_output
+        with atomic_output({str(tmp_path / 'out')!r}) as tmp:
+            (tmp / "part.bin").write_bytes(b"x" * 1000)
+            print("ready", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_plain_hugging_face_folder_is_a_model_artifact(tiny_model):
+    art = open_artifact(tiny_model)
+    assert (art.kind, art.format, art.task) == ("model", "safetensors", "text-classification")
+    assert art.labels == ["negative", "neutral", "positive"] and not art.has_manifest
+    assert len(art.digest()) == 64
+
+
+def test_pickled_checkpoints_are_refused_unless_trusted(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(BadInput, match="pickled checkpoint"):
+        open_artifact(tmp_path)
+    assert open_artifact(tmp_path, trust_pickle=True).kind == "model"
+
+
+def test_wrong_kind_is_bad_input(tmp_path):
+    _make(tmp_path / "d", kind="dataset")
+    with pytest.raises(BadInput, match="is a dataset artifact, expected a model"):
+        open_artifact(tmp_path / "d", kind="model")

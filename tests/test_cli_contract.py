@@ -1,0 +1,136 @@
+"""The command-line contract: stdout is the result, stdin carries the input,
+bad input is one clear line with exit 2, and no traceback unless MK_DEBUG=1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import run_mk
+from mk.cli.main import app
+from mk.core.artifact import write_manifest
+
+runner = CliRunner()
+
+
+def test_help_lists_commands_and_exits_0():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0 and "info" in r.stdout
+
+
+def test_info_json_is_the_only_thing_on_stdout(tiny_model):
+    r = run_mk("info", str(tiny_model), "--json", check=True)
+    info = json.loads(r.stdout)
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model))
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["labels"] == ["negative", "neutral", "positive"] and info["kind"] == "model"
+
+
+@pytest.mark.parametrize("stdin", ["{path}\n", '{{"path": "{path}"}}'])
+def test_input_path_arrives_on_a_real_pipe(tiny_model, stdin):
+    shell = f"printf '%s' '{stdin.format(path=tiny_model)}' | {Path(sys.executable).with_name('mk')} info --json"
+    r = subprocess.run(shell, shell=True, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["path"] == str(tiny_model)
+
+
+def test_empty_stdin_is_bad_usage():
+    r = run_mk("info", input="")
+    assert r.returncode == 2 and "stdin was empty" in r.stderr and r.stdout == ""
+
+
+def _one_error_line(r, *needles):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, r.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr
+    assert r.stdout == ""
+
+
+def test_missing_path(tmp_path):
+    _one_error_line(run_mk("info", str(tmp_path / "nope")), "nope", "no such file")
+
+
+def test_folder_that_is_not_an_artifact(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    _one_error_line(run_mk("info", str(tmp_path)), str(tmp_path), "not an artifact")
+
+
+def test_corrupt_manifest(tmp_path):
+    (tmp_path / "mk.json").write_text("{ not json")
+    _one_error_line(run_mk("info", str(tmp_path)), "mk.json", "corrupt manifest")
+
+
+def test_manifest_missing_fields(tmp_path):
+    (tmp_path / "mk.json").write_text(json.dumps({"schema": 1, "kind": "model"}))
+    _one_error_line(run_mk("info", str(tmp_path)), "missing 'format'", "missing 'files'")
+
+
+def test_truncated_safetensors(tmp_path, tiny_model):
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    before = sorted(p.name for p in bad.iterdir())
+    _one_error_line(run_mk("info", str(bad)), "model.safetensors", "truncated")
+    assert sorted(p.name for p in bad.iterdir()) == before  # nothing written
+
+
+def test_changed_file_is_reported_and_exits_2(tmp_path):
+    art = tmp_path / "a"
+    art.mkdir()
+    (art / "w.bin").write_bytes(b"1234")
+    write_manifest(art, kind="model", format="safetensors", labels=[])
+    (art / "w.bin").write_bytes(b"12")
+    r = run_mk("info", str(art))
+    assert r.returncode == 2 and "w.bin: 2 bytes, manifest says 4" in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run_mk("info", str(tmp_path / "nope"), env={"MK_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_lineage_walks_back(tmp_path):
+    from mk.core.artifact import atomic_output, open_artifact
+
+    prev = None
+    for name in ("base", "tuned", "int8"):
+        with atomic_output(tmp_path / name) as tmp:
+            (tmp / "x").write_text(name)
+            write_manifest(tmp, kind="model", format="safetensors", labels=[], parent=prev)
+        prev = open_artifact(tmp_path / name)
+    r = runner.invoke(app, ["info", str(tmp_path / "int8"), "--lineage", "--json"])
+    assert r.exit_code == 0
+    assert [Path(s["path"]).name for s in json.loads(r.stdout)["lineage"]] == ["int8", "tuned", "base"]
+    shutil.rmtree(tmp_path / "base")
+    r = runner.invoke(app, ["info", str(tmp_path / "int8"), "--lineage", "--json"])
+    assert json.loads(r.stdout)["lineage"][-1]["missing"]
+
+
+def test_no_color_and_quiet_keep_stderr_plain(tmp_path):
+    r = run_mk("-q", "info", str(tmp_path / "nope"), env={"NO_COLOR": "1"})
+    assert "\x1b[" not in r.stderr and r.returncode == 2
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("mk ")
+
+
+def test_setup_never_pins_gpu_users_to_the_cpu_build():
+    """pyproject asks for a torch range; only scripts/setup.sh picks the CPU wheel, and only without a GPU."""
+    root = Path(__file__).resolve().parent.parent
+    deps = (root / "pyproject.toml").read_text()
+    assert '"torch>=' in deps and "+cpu" not in deps and "torch==" not in deps
+    setup = (root / "scripts" / "setup.sh").read_text()
+    assert "nvidia-smi" in setup and os.access(root / "scripts" / "setup.sh", os.X_OK)
