@@ -86,16 +86,24 @@ class Artifact:
             h.update(f"{e['name']}\0{e['sha256']}\n".encode())
         return h.hexdigest()
 
-    def ref(self) -> dict:
-        """How a manifest points at this artifact: path and digest."""
-        return {"path": str(self.path.resolve()), "sha256": self.digest()}
+    def ref(self, root: Path) -> dict:
+        """How the artifact being written at `root` points at this one: the path
+        relative to `root` (a tree of artifacts can move as a whole; `root` may be
+        the temporary sibling, which sits beside the final folder), the absolute
+        path as a fallback, and the digest."""
+        target = self.path.resolve()
+        return {"path": os.path.relpath(target, Path(root).resolve()), "abs_path": str(target),
+                "sha256": self.digest()}
 
     def _linked(self, key: str) -> Path | None:
         link = self.manifest.get(key)
         if not link or not link.get("path"):
             return None
         p = Path(link["path"])
-        return p if p.is_absolute() else (self.path / p).resolve()
+        p = p if p.is_absolute() else (self.path / p).resolve()
+        if not p.exists() and link.get("abs_path"):
+            return Path(link["abs_path"])
+        return p
 
     def parent_path(self) -> Path | None:
         return self._linked("parent")
@@ -209,8 +217,8 @@ def write_manifest(root: Path, *, kind: str, format: str, labels: list[str], tas
     manifest = {
         "schema": SCHEMA, "kind": kind, "format": format, "task": task, "labels": list(labels),
         "created_by": created_by(),
-        "parent": parent.ref() if parent else None,
-        "dataset": dataset.ref() if dataset else None,
+        "parent": parent.ref(root) if parent else None,
+        "dataset": dataset.ref(root) if dataset else None,
         "metrics": metrics or {},
         **extra,
         "files": file_entries(root),

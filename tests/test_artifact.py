@@ -109,3 +109,16 @@ def test_wrong_kind_is_bad_input(tmp_path):
     _make(tmp_path / "d", kind="dataset")
     with pytest.raises(BadInput, match="is a dataset artifact, expected a model"):
         open_artifact(tmp_path / "d", kind="model")
+
+
+def test_a_tree_of_artifacts_keeps_its_lineage_when_moved(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    data = _make(tree / "data", kind="dataset")
+    _make(tree / "tuned", parent=_make(tree / "base"), dataset=data)
+    moved = tmp_path / "elsewhere"
+    tree.rename(moved)
+    tuned = open_artifact(moved / "tuned")
+    assert tuned.parent_path() == (moved / "base").resolve()
+    assert tuned.dataset_path() == (moved / "data").resolve()
+    assert not any(link.get("changed") for _, link in tuned.lineage())
