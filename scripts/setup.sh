@@ -12,9 +12,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     $PIP install -q torch
   else
-    # A CPU wheel from pip's local find-links when the machine carries one,
-    # else the CPU wheel index of PyTorch.
-    $PIP install -q --no-index torch==2.13.0 2>/dev/null \
+    # The CPU wheel from pip's local find-links when the machine carries one
+    # (its dependencies from the usual index), else PyTorch's CPU wheel index.
+    $PIP install -q "torch==2.13.0+cpu" 2>/dev/null \
       || $PIP install -q torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
