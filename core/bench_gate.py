@@ -1,0 +1,147 @@
+"""`mk bench --baseline results.json --max-regress 5%`: a gate for Makefiles and CI.
+
+A run is compared with a saved one (`mk bench … -o results.json`, or the
+`--json` output) measure by measure; exit 3 (GateFailed) when any got worse by
+more than the allowance. Worse means, relative to the baseline:
+
+- offline: throughput lower, p99 latency higher, accuracy lower;
+- HTTP: achieved requests/s lower, p99 latency higher; the error rate higher by
+  more than the allowance in absolute terms (5% allows 0.00 → 0.05).
+
+Rows are matched by artifact name (the folder name) and batch size × sequence
+length, or by concurrency and batch size; rows only one side has are listed,
+not failed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mk.core.errors import BadInput, GateFailed
+
+
+def parse_allowance(text: str) -> float:
+    """`5%`, `5` (percent) or `0.05` (a fraction) → 0.05."""
+    raw = str(text).strip()
+    try:
+        if raw.endswith("%"):
+            value = float(raw[:-1]) / 100
+        else:
+            value = float(raw)
+            value = value / 100 if value >= 1 else value
+    except ValueError:
+        raise BadInput(f"--max-regress {text!r}: expected a percentage like 5%") from None
+    if not 0 <= value < 1:
+        raise BadInput(f"--max-regress {text!r}: expected between 0% and 100%")
+    return value
+
+
+def load_baseline(path: Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"--baseline {path}: no such file",
+                       hint="save a run first: mk bench … -o results.json") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--baseline {path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--baseline {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if not (isinstance(schema, str) and schema.startswith("mk.bench/")):
+        raise BadInput(f"--baseline {path}: not a `mk bench` result (schema {schema!r}, expected mk.bench/1)")
+    if schema != "mk.bench/1":
+        raise BadInput(f"--baseline {path}: schema {schema} is not one this mk reads (mk.bench/1)")
+    if not isinstance(data.get("results"), list):
+        raise BadInput(f"--baseline {path}: no results list")
+    return data
+
+
+def _offline_rows(result: dict) -> dict:
+    acc = {a["name"]: a.get("accuracy") for a in result.get("artifacts", [])}
+    return {(r["artifact"], r["batch_size"], str(r["seq_len"])): {
+        "throughput": (r.get("throughput") or {}).get("median"),
+        "p99": (r.get("latency_ms") or {}).get("p99"),
+        "accuracy": acc.get(r["artifact"]),
+    } for r in result["results"]}
+
+
+def _http_rows(result: dict) -> dict:
+    return {(r["concurrency"], r["batch_size"]): {
+        "throughput": r.get("throughput_rps"),
+        "p99": (r.get("latency_ms") or {}).get("p99"),
+        "error_rate": r.get("error_rate"),
+    } for r in result["results"]}
+
+
+def _label(key: tuple, mode: str) -> str:
+    if mode == "offline":
+        return f"{key[0]} at batch {key[1]}, seq {key[2]}"
+    return f"concurrency {key[0]}, batch {key[1]}"
+
+
+def compare(current: dict, baseline: dict, allowance: float) -> dict:
+    """What got worse by more than the allowance: {"checked", "regressions", "unmatched"}."""
+    mode = current.get("mode", "offline")
+    if baseline.get("mode", "offline") != mode:
+        raise BadInput(f"--baseline: a {baseline.get('mode')} result cannot gate a {mode} run")
+    rows = _offline_rows if mode == "offline" else _http_rows
+    cur, base = rows(current), rows(baseline)
+    if mode == "offline" and not (cur.keys() & base.keys()):
+        # Same artifacts under other folder names: match by position when the shapes agree.
+        cn = [a["name"] for a in current.get("artifacts", [])]
+        bn = [a["name"] for a in baseline.get("artifacts", [])]
+        if len(cn) == len(bn):
+            rename = dict(zip(bn, cn))
+            base = {(rename.get(k[0], k[0]), *k[1:]): v for k, v in base.items()}
+    common = [k for k in cur if k in base]
+    if not common:
+        raise BadInput("--baseline: no artifact and shape in common with this run",
+                       hint="run the baseline with the same artifacts, --batch-sizes and --seq-lens")
+    regressions, checked, seen_acc = [], 0, set()
+    for key in common:
+        c, b = cur[key], base[key]
+        where = _label(key, mode)
+        if c["throughput"] is not None and b["throughput"]:
+            checked += 1
+            change = c["throughput"] / b["throughput"] - 1
+            if change < -allowance:
+                regressions.append({"where": where, "measure": "throughput", "baseline": b["throughput"],
+                                    "current": c["throughput"], "change_pct": round(100 * change, 2)})
+        if c["p99"] is not None and b["p99"]:
+            checked += 1
+            change = c["p99"] / b["p99"] - 1
+            if change > allowance:
+                regressions.append({"where": where, "measure": "p99 latency", "baseline": b["p99"],
+                                    "current": c["p99"], "change_pct": round(100 * change, 2)})
+        if mode == "offline" and key[0] not in seen_acc and c["accuracy"] is not None and b["accuracy"]:
+            seen_acc.add(key[0])
+            checked += 1
+            change = c["accuracy"] / b["accuracy"] - 1
+            if change < -allowance:
+                regressions.append({"where": key[0], "measure": "accuracy", "baseline": b["accuracy"],
+                                    "current": c["accuracy"], "change_pct": round(100 * change, 2)})
+        if mode == "http" and c["error_rate"] is not None and b["error_rate"] is not None:
+            checked += 1
+            if c["error_rate"] - b["error_rate"] > allowance:
+                regressions.append({"where": where, "measure": "error rate", "baseline": b["error_rate"],
+                                    "current": c["error_rate"],
+                                    "change_pct": round(100 * (c["error_rate"] - b["error_rate"]), 2)})
+    unmatched = [_label(k, mode) for k in base if k not in cur] + [_label(k, mode) for k in cur if k not in base]
+    return {"allowance_pct": round(100 * allowance, 3), "checked": checked, "regressions": regressions,
+            "unmatched": unmatched, "passed": not regressions}
+
+
+def gate(current: dict, baseline: dict, allowance: float, baseline_path: Path | str = "baseline") -> dict:
+    """Compare and record the verdict in `current["gate"]`; raise GateFailed on a regression."""
+    verdict = compare(current, baseline, allowance)
+    current["gate"] = {"baseline": str(baseline_path), **verdict}
+    if verdict["regressions"]:
+        lines = [f"{r['where']}: {r['measure']} {r['baseline']:.4g} → {r['current']:.4g} ({r['change_pct']:+.1f}%)"
+                 for r in verdict["regressions"]]
+        raise GateFailed(f"benchmark regressed beyond {100 * allowance:g}% against {baseline_path}: "
+                         + "; ".join(lines),
+                         hint="if the change is intended, save this run as the new baseline (-o results.json)",
+                         result=current)
+    return verdict

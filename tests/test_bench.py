@@ -1,0 +1,266 @@
+"""`mk bench` offline: real tiny models in torch and ONNX Runtime, measured side by
+side; the table, the JSON schema, CSV / Parquet / JSON files, the plot, the
+no-faster flag, the regression gate and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import LABELS, make_tiny_model, run_mk
+
+ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
+FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup", "2"]
+
+
+def model_artifact(src: Path, out: Path, dataset: Path | None = None, parent: Path | None = None) -> Path:
+    """A copy of a Hugging Face folder as a model artifact with mk.json."""
+    from mk.core.artifact import open_artifact, write_manifest
+
+    shutil.copytree(src, out)
+    write_manifest(out, kind="model", format="safetensors", task="text-classification", labels=LABELS,
+                   dataset=open_artifact(dataset) if dataset else None,
+                   parent=open_artifact(parent) if parent else None)
+    return out
+
+
+def export_onnx(model_dir: Path, out: Path, dataset: Path | None = None) -> Path:
+    """The model as an ONNX artifact with dynamic batch and sequence axes, tokenizer
+    files and a manifest naming its parent (what `mk export-onnx` makes)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mk.core.artifact import open_artifact, write_manifest
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    out.mkdir()
+    ids = torch.full((2, 16), 1000, dtype=torch.long)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(out / "model.onnx"),
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    shutil.copy(model_dir / "config.json", out / "config.json")
+    write_manifest(out, kind="model", format="onnx", task="text-classification", labels=LABELS,
+                   parent=open_artifact(model_dir), dataset=open_artifact(dataset) if dataset else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory, tiny_model, tiny_dataset, minilm_dir):
+    """fp32 (torch) → onnx (its export) and → slow (a deeper torch model claiming
+    fp32 as its parent: a variant that is certainly no faster)."""
+    root = tmp_path_factory.mktemp("bench")
+    fp32 = model_artifact(tiny_model, root / "fp32", dataset=tiny_dataset)
+    onnx = export_onnx(fp32, root / "onnx", dataset=tiny_dataset)
+    deep = make_tiny_model(root / "deep-src", minilm_dir, layers=8, seed=1)
+    slow = model_artifact(deep, root / "slow", dataset=tiny_dataset, parent=fp32)
+    return {"root": root, "fp32": fp32, "onnx": onnx, "slow": slow, "data": tiny_dataset}
+
+
+@pytest.fixture(scope="module")
+def offline(arts):
+    """One real run of three artifacts, the paths piped on stdin, with every output."""
+    root = arts["root"]
+    proc = run_mk("bench", "--batch-sizes", "1,4", "--seq-lens", "16,data", *FAST, "--json",
+                  "-o", str(root / "out.csv"), "--plot", str(root / "bench.png"),
+                  input=f"{arts['fp32']}\n{arts['onnx']}\n{arts['slow']}\n", env=ENV, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return {"result": json.loads(proc.stdout), "stderr": proc.stderr, **arts}
+
+
+def test_json_schema(offline):
+    r = offline["result"]
+    assert r["schema"] == "mk.bench/1" and r["mode"] == "offline"
+    assert r["path"] == str(offline["root"] / "out.csv")
+    assert set(r) >= {"created", "settings", "environment", "artifacts", "results", "warnings"}
+    s = r["settings"]
+    assert s["batch_sizes"] == [1, 4] and s["seq_lens"] == [16, "data"] and s["threads"] == 1
+    assert s["order"] == "interleaved" and s["rounds"] == 3 and s["iters"] == 6
+    env = r["environment"]
+    assert env["cpu"] and env["cores_logical"] >= 1 and env["threads"]["used"] == 1
+    assert env["threads"]["torch_intra_op"] == 1
+    assert {"torch", "onnxruntime", "transformers", "mk"} <= set(env["libraries"])
+
+    arts = {a["name"]: a for a in r["artifacts"]}
+    assert list(arts) == ["fp32", "onnx", "slow"]
+    assert (arts["fp32"]["runtime"], arts["onnx"]["runtime"]) == ("torch", "onnxruntime")
+    assert arts["onnx"]["parent"] == "fp32" and arts["slow"]["parent"] == "fp32" and arts["fp32"]["parent"] is None
+    for a in arts.values():
+        assert a["size_bytes"] > 100_000 and a["parameters"] > 100_000
+        assert a["load_s"] > 0 and a["peak_rss_bytes"] > 50_000_000
+        assert 0 <= a["accuracy"] <= 1 and 0 <= a["macro_f1"] <= 1 and a["eval_rows"] == 30
+        assert a["dataset"] == str(offline["data"])  # from the lineage, no --data given
+    assert arts["fp32"]["accuracy"] == arts["onnx"]["accuracy"]  # same weights, two runtimes
+
+    assert len(r["results"]) == 3 * 2 * 2
+    for row in r["results"]:
+        lat = row["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert row["calls"] == 6 and row["throughput"]["median"] > 0
+        assert row["throughput"]["min"] <= row["throughput"]["median"] <= row["throughput"]["max"]
+        assert row["speedup"]["vs"] == "fp32"
+        if row["artifact"] == "fp32":
+            assert row["speedup"]["median"] == 1.0 and row["vs_parent"] is None
+        else:
+            assert row["vs_parent"]["parent"] == "fp32"
+        if row["seq_len"] == "data":
+            assert 1 <= row["tokens_per_sample"] <= row["padded_len"] <= 32
+        else:
+            assert row["tokens_per_sample"] == 16
+
+
+def test_no_faster_variant_is_flagged(offline):
+    slow = [row for row in offline["result"]["results"] if row["artifact"] == "slow"]
+    assert all(row["vs_parent"]["faster"] is False for row in slow)
+    assert any("slow is no faster than its parent fp32" in w for w in offline["result"]["warnings"])
+    assert "slow is no faster than its parent fp32" in offline["stderr"]
+    assert "no faster" in offline["stderr"]  # the table's flag
+
+
+def test_table_on_stderr(offline):
+    err = offline["stderr"]
+    for text in ("mk bench: latency and throughput", "mk bench: artifacts", "p50 ms", "p99 ms",
+                 "samples/s", "speed-up", "accuracy", "fp32", "onnx", "slow", "torch cpu", "onnxruntime cpu",
+                 "1 threads"):
+        assert text in err, text
+
+
+def test_csv_parquet_json_outputs(offline, tmp_path):
+    import polars as pl
+
+    from mk.core.bench_report import write_output
+
+    csv = pl.read_csv(offline["root"] / "out.csv")
+    assert csv.height == 12
+    assert {"artifact", "batch_size", "seq_len", "latency_p99_ms", "throughput_median", "speedup",
+            "accuracy", "size_bytes", "peak_rss_bytes"} <= set(csv.columns)
+    assert sorted(set(csv["artifact"])) == ["fp32", "onnx", "slow"]
+
+    result = offline["result"]
+    pq = pl.read_parquet(write_output(result, tmp_path / "r.parquet"))
+    assert pq.height == 12 and pq["throughput_median"].min() > 0
+    assert json.loads(write_output(result, tmp_path / "r.json").read_text()) == result
+
+
+def test_plot_is_a_png(offline):
+    png = (offline["root"] / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_tables_render_in_process(offline):
+    from rich.console import Console
+
+    from mk.core.bench_report import print_report
+
+    console = Console(record=True, width=220, no_color=True)
+    print_report(offline["result"], console)
+    text = console.export_text()
+    assert "⚠ no faster" in text and "1.00×" in text
+
+
+# ----------------------------------------------------------------- the gate --
+
+def _edited(result: dict, path: Path, throughput: float = 1.0, p99: float = 1.0, accuracy: float = 1.0) -> Path:
+    base = json.loads(json.dumps(result))
+    for row in base["results"]:
+        row["throughput"]["median"] *= throughput
+        row["latency_ms"]["p99"] *= p99
+    for a in base["artifacts"]:
+        a["accuracy"] = min(1.0, a["accuracy"] * accuracy)
+    path.write_text(json.dumps(base))
+    return path
+
+
+def test_gate_compare_in_process(offline):
+    from mk.core.bench_gate import compare, gate, parse_allowance
+    from mk.core.errors import GateFailed
+
+    r = offline["result"]
+    assert parse_allowance("5%") == parse_allowance("5") == parse_allowance("0.05") == 0.05
+    assert compare(r, r, 0.0)["passed"]
+    claims = json.loads(json.dumps(r))
+    for row in claims["results"]:
+        row["throughput"]["median"] *= 1.2  # the baseline claims 20% more: a 17% drop
+    verdict = compare(r, claims, 0.05)
+    assert not verdict["passed"] and {x["measure"] for x in verdict["regressions"]} == {"throughput"}
+    assert compare(r, claims, 0.25)["passed"]
+    with pytest.raises(GateFailed) as e:
+        gate(dict(r), claims, 0.05, "claims.json")
+    assert e.value.code == 3 and "throughput" in e.value.message
+
+
+def test_gate_exits_3_on_a_regression_and_0_within_allowance(offline, tmp_path):
+    r, fp32 = offline["result"], str(offline["fp32"])
+    faster = _edited(r, tmp_path / "faster.json", throughput=100.0)
+    proc = run_mk("bench", fp32, "--batch-sizes", "1", "--seq-lens", "16", *FAST,
+                  "--baseline", str(faster), "--max-regress", "5%", "--json", env=ENV)
+    assert proc.returncode == 3, proc.stderr
+    assert "error: benchmark regressed beyond 5%" in proc.stderr and "fp32 at batch 1, seq 16: throughput" in proc.stderr
+    assert json.loads(proc.stdout)["gate"]["passed"] is False  # the result still reaches stdout
+
+    slower = _edited(r, tmp_path / "slower.json", throughput=0.01, p99=100.0, accuracy=0.5)
+    proc = run_mk("bench", fp32, "--batch-sizes", "1", "--seq-lens", "16", *FAST,
+                  "--baseline", str(slower), "--max-regress", "5%", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "gate passed" in proc.stderr
+
+
+# ---------------------------------------------------------------- bad input --
+
+def test_bad_artifact_exit_2_names_it(arts, tmp_path):
+    proc = run_mk("bench", str(arts["onnx"]), str(tmp_path / "missing"), *FAST, env=ENV)
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'missing'}: no such file or directory" in proc.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(arts["onnx"], broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    proc = run_mk("bench", str(arts["onnx"]), str(broken), *FAST, env=ENV)
+    assert proc.returncode == 2
+    assert f"{broken / 'model.onnx'}" in proc.stderr and "cannot load" in proc.stderr
+
+
+def test_bad_options_exit_2_before_measuring(arts, tmp_path):
+    onnx = str(arts["onnx"])
+    for args, text in ((["--duration", "1", "--iters", "2"], "--duration and --iters"),
+                       (["-o", str(tmp_path / "r.txt")], "unknown file type"),
+                       (["--batch-sizes", "0,8"], "--batch-sizes"),
+                       (["--seq-lens", "abc"], "--seq-lens"),
+                       (["--baseline", str(tmp_path / "none.json")], "--baseline"),
+                       (["--seq-lens", "999"], "longer than the model's 128 positions")):
+        proc = run_mk("bench", onnx, *args, env=ENV)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert text in proc.stderr, (args, proc.stderr)
+
+
+def test_stdin_paths_lines_and_json(monkeypatch):
+    from mk.cli.bench import read_inputs
+
+    class Pipe(io.StringIO):
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stdin", Pipe("a/b\n\nc\n"))
+    assert read_inputs() == ["a/b", "c"]
+    monkeypatch.setattr(sys, "stdin", Pipe('{\n  "path": "x"\n}\n{"path": "y"}\nz\n'))
+    assert read_inputs() == ["x", "y", "z"]
+
+
+def test_parent_comparison_and_stats():
+    from mk.core.bench import parse_seq_lens, percentiles, ratio, spread
+
+    assert parse_seq_lens("128,data,128") == [128, "data"]
+    assert ratio([10, 12, 11], [10, 10, 10])["median"] == 1.1
+    s = spread([9.0, 10.0, 11.0])
+    assert s["median"] == 10.0 and s["spread_pct"] == 20.0
+    p = percentiles([0.001] * 99 + [0.1])
+    assert p["p50"] == 1.0 and p["max"] == 100.0 and p["p99"] > p["p90"]
