@@ -34,6 +34,7 @@ SCHEMA = "mk.bench/1"
 # A variant must beat its parent by more than this ratio to count as faster:
 # below it the difference is within what repeated runs of one model scatter.
 NOISE = 1.05
+SETTLE_S = 0.05  # pause between artifacts' blocks: OpenMP / ORT worker threads spin a while after a call
 DATA = "data"  # the --seq-lens entry that means real inputs from the dataset
 
 
@@ -402,6 +403,8 @@ def measure_shape(entries: list[Entry], batches: list[dict], shape: str, setting
     samples = {e.index: 0 for e in entries}
     for _ in range(settings.rounds):
         for e in entries:
+            if len(entries) > 1:
+                time.sleep(SETTLE_S)  # let the previous runtime's spinning worker threads go idle
             times, n_samples, k = [], 0, 0
             before = mem.start()
             _cuda_reset(e)

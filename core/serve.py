@@ -340,6 +340,10 @@ def load_into(state: ModelState, device: str, threads: int | None) -> None:
     """Load the model through the runtime interface and warm it up with one call."""
     from mk.core.runtime import load_runtime
 
+    if state.art.format == "safetensors":
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         runtime = load_runtime(state.art, device=device, threads=threads)
         runtime({"input_ids": np.full((1, 8), 1000, dtype=np.int64),
