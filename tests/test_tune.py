@@ -1,0 +1,330 @@
+"""`mk tune`: training that learns, artifacts that load, runs that resume to the
+same weights after a real SIGTERM, LoRA, distillation, DDP on CPU, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import LABELS, make_tiny_model, run_mk
+
+MK = str(Path(sys.executable).with_name("mk"))
+# A fast, deterministic tiny run: small batches, no warm-up surprises.
+FAST = ["--batch-size", "8", "--device", "cpu", "--seed", "3"]
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(l) for l in (path / "train_log.jsonl").read_text().splitlines()]
+
+
+def _no_dropout_model(out: Path, tokenizer_dir: Path, labels=LABELS, seed=0) -> Path:
+    """A tiny classifier without dropout, so that any two equivalent runs agree exactly."""
+    make_tiny_model(out, tokenizer_dir, labels=labels, seed=seed)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _small_student(out: Path, tokenizer_dir: Path) -> Path:
+    """Narrower and shallower than make_tiny_model's: hidden 16, one layer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    torch.manual_seed(5)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, id2label=dict(enumerate(LABELS)),
+                        label2id={l: i for i, l in enumerate(LABELS)})
+    BertForSequenceClassification(config).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def quiet_model(tmp_path_factory, minilm_dir) -> Path:
+    return _no_dropout_model(tmp_path_factory.mktemp("m") / "quiet", minilm_dir)
+
+
+def _tune(data, model, out, **kw):
+    from mk.core.train import TuneOptions, tune
+    force = kw.pop("force", False)
+    return tune(data, model, out, TuneOptions(**{"device": "cpu", "batch_size": 8, "seed": 3, **kw}), force=force)
+
+
+# --- learning and the artifact --------------------------------------------------------------
+
+
+def test_training_reduces_loss_and_the_output_loads(tiny_dataset, tiny_model, tmp_path):
+    out = tmp_path / "tuned"
+    result = _tune(tiny_dataset, tiny_model, out, epochs=12, lr=2e-3, warmup=0.05)
+    assert result["path"] == str(out) and not (tmp_path / "tuned.ckpt").exists()
+    log = _log(out)
+    losses = [e["loss"] for e in log if e["event"] == "step"]
+    assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:15])
+    assert {"lr", "samples_per_s", "epoch"} <= next(e for e in log if e["event"] == "step").keys()
+    evals = [e for e in log if e["event"] == "eval"]
+    assert len(evals) == 12 and all("val_macro_f1" in e for e in evals)
+
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert model.config.id2label == dict(enumerate(LABELS))
+    manifest = json.loads((out / "mk.json").read_text())
+    assert manifest["kind"] == "model" and manifest["labels"] == LABELS
+    assert manifest["dataset"]["abs_path"] == str(tiny_dataset.resolve())
+    assert manifest["parent"]["abs_path"] == str(tiny_model.resolve())
+    assert {"accuracy", "macro_f1"} <= manifest["metrics"].keys()
+    assert "train_log.jsonl" in {f["name"] for f in manifest["files"]}
+
+    # better than chance, measured on what it was trained on (30 test tweets are too few to say)
+    from mk.core.artifact import open_artifact
+    from mk.core.dataset import load_split
+    from mk.core.evaluate import evaluate
+    from mk.core.runtime import load_runtime
+    train = load_split(open_artifact(tiny_dataset), "train")
+    assert evaluate(load_runtime(out, "cpu"), train, 3)["accuracy"] > 0.6
+
+
+def test_cli_reads_data_on_stdin_and_prints_json(tiny_dataset, tiny_model, tmp_path):
+    r = run_mk("tune", "--model", str(tiny_model), "-o", str(tmp_path / "t"), "--max-steps", "3", *FAST,
+               "--json", input=f"{tiny_dataset}\n")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["path"] == str(tmp_path / "t") and result["training"]["steps"] == 3
+    assert "accuracy" in result["metrics"]
+
+
+def test_same_seed_same_weights(tiny_dataset, quiet_model, tmp_path):
+    _tune(tiny_dataset, quiet_model, tmp_path / "a", max_steps=6, grad_accum=2, schedule="cosine")
+    _tune(tiny_dataset, quiet_model, tmp_path / "b", max_steps=6, grad_accum=2, schedule="cosine")
+    _assert_same_weights(tmp_path / "a", tmp_path / "b", atol=0)
+
+
+def test_grad_accumulation_equals_a_larger_batch(tiny_dataset, quiet_model, tmp_path):
+    _tune(tiny_dataset, quiet_model, tmp_path / "a", max_steps=5, batch_size=4, grad_accum=4)
+    _tune(tiny_dataset, quiet_model, tmp_path / "b", max_steps=5, batch_size=16)
+    _assert_same_weights(tmp_path / "a", tmp_path / "b", atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_dataset, tiny_model, tmp_path):
+    out = tmp_path / "t"
+    result = _tune(tiny_dataset, tiny_model, out, epochs=30, lr=5e-3, patience=1)
+    evals = [e for e in _log(out) if e["event"] == "eval"]
+    assert result["training"]["stopped_early"] and len(evals) < 30
+    best = max(evals, key=lambda e: e["val_macro_f1"])
+    assert result["training"]["best_step"] == best["step"]
+    assert result["metrics"]["val_macro_f1"] == best["val_macro_f1"]
+
+
+# --- never lose work ---------------------------------------------------------------------------
+
+
+def _start(args, **kw):
+    return subprocess.Popen([MK, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigterm_checkpoints_exits_130_and_resume_reaches_the_same_weights(tiny_dataset, quiet_model, tmp_path):
+    args = ["tune", str(tiny_dataset), "--model", str(quiet_model), "--epochs", "8", "--save-every", "5",
+            "--lr", "1e-3", *FAST]
+    ref = tmp_path / "ref"
+    _tune(tiny_dataset, quiet_model, ref, epochs=8, lr=1e-3, save_every=5, seed=3)
+
+    out = tmp_path / "run"
+    proc = _start([*args, "-o", str(out)])
+    ckpt = tmp_path / "run.ckpt" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err
+    assert ckpt.is_file() and not out.exists()
+    assert not list(tmp_path.glob(".run.tmp-*"))
+    state = json.loads((tmp_path / "run.ckpt" / "state.json").read_text())
+    assert 0 < state["step"] < state["total_steps"]
+
+    # without --resume the checkpoint is not thrown away
+    r = run_mk(*args, "-o", str(out))
+    assert r.returncode == 2 and "--resume" in r.stderr and ckpt.is_file()
+    # with other options, --resume refuses
+    r = run_mk(*args[:-2], "--seed", "4", "-o", str(out), "--resume")
+    assert r.returncode == 2 and "different run" in r.stderr
+
+    r = run_mk(*args, "-o", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    _assert_same_weights(ref, out)
+    assert not (tmp_path / "run.ckpt").exists()
+    log = _log(out)
+    steps = [e["step"] for e in log if e["event"] == "step"]
+    assert steps == list(range(1, steps[-1] + 1))  # the log resumes without gaps or repeats
+    assert any(e["event"] == "resume" for e in log)
+
+
+def test_resume_without_a_checkpoint_is_bad_usage(tiny_dataset, tiny_model, tmp_path):
+    from mk.core.errors import BadInput
+    with pytest.raises(BadInput, match="no checkpoint"):
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=2, resume=True)
+
+
+# --- LoRA and distillation -----------------------------------------------------------------------
+
+
+def test_lora_merged_is_a_plain_model(tiny_dataset, tiny_model, tmp_path):
+    out = tmp_path / "lora"
+    result = _tune(tiny_dataset, tiny_model, out, max_steps=6, lora=4)
+    assert result["training"]["mode"] == "lora" and result["training"]["merged"]
+    assert not (out / "adapter_config.json").exists()
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    base = _weights(tiny_model)
+    tuned = _weights(out)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not np.allclose(base[name].numpy(), tuned[name].numpy())  # the adapter was merged in
+    assert np.allclose(base["bert.embeddings.word_embeddings.weight"].numpy(),
+                       tuned["bert.embeddings.word_embeddings.weight"].numpy())  # frozen stays frozen
+
+
+def test_lora_no_merge_keeps_the_adapter(tiny_dataset, tiny_model, tmp_path):
+    out = tmp_path / "adapter"
+    result = _tune(tiny_dataset, tiny_model, out, max_steps=4, lora=4, merge=False)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    manifest = json.loads((out / "mk.json").read_text())
+    assert manifest["adapter"]["r"] == 4
+    from mk.core.artifact import open_artifact
+    from mk.core.dataset import load_split
+    from mk.core.evaluate import evaluate
+    from mk.core.runtime import load_runtime
+    test = load_split(open_artifact(tiny_dataset), "test")
+    again = evaluate(load_runtime(out, "cpu"), test, 3)  # the torch runtime loads adapter + base
+    assert again["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
+
+
+def test_distillation_from_a_teacher_of_another_size(tiny_dataset, minilm_dir, tmp_path):
+    teacher = make_tiny_model(tmp_path / "teacher", minilm_dir, layers=3, seed=1)
+    student = _small_student(tmp_path / "student", minilm_dir)
+    out = tmp_path / "distilled"
+    result = _tune(tiny_dataset, student, out, max_steps=6, teacher=str(teacher), alpha=0.7, temperature=3.0)
+    manifest = json.loads((out / "mk.json").read_text())
+    assert manifest["teacher"]["abs_path"] == str(teacher.resolve())
+    assert manifest["training"]["alpha"] == 0.7 and result["training"]["steps"] == 6
+    assert _weights(out)["bert.embeddings.word_embeddings.weight"].shape[1] == 16
+    # the teacher changes what the student learns
+    plain = tmp_path / "plain"
+    _tune(tiny_dataset, student, plain, max_steps=6)
+    a, b = _weights(out), _weights(plain)
+    assert not all(np.allclose(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_distillation_loss_matches_the_formula():
+    import torch
+    from mk.core.distill import per_example_loss
+    s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 3.0]])
+    y = torch.tensor([0])
+    T = 2.0
+    ps, pt = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
+    kl = (pt * (pt.log() - ps.log())).sum() * T * T
+    ce = -torch.log_softmax(s, -1)[0, 0]
+    assert per_example_loss(s, y, t, T, 0.25).item() == pytest.approx((0.25 * kl + 0.75 * ce).item(), rel=1e-5)
+    assert per_example_loss(s, y).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+
+def test_ddp_on_cpu_with_two_processes(tiny_dataset, quiet_model, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mk.cli.main", "tune", str(tiny_dataset), "--model", str(quiet_model), "-o", str(out),
+           "--max-steps", "6", "--batch-size", "4", "--device", "cpu", "--seed", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str(out)  # one result line: only rank 0 writes
+    log = _log(out)
+    ranks = next(e for e in log if e["event"] == "ranks")
+    assert ranks["world_size"] == 2 and ranks["agree"]
+    assert next(e for e in log if e["event"] == "start")["global_batch"] == 8
+    # two processes of batch 4 take the same steps as one process of batch 8
+    _tune(tiny_dataset, quiet_model, tmp_path / "one", max_steps=6, batch_size=8)
+    _assert_same_weights(out, tmp_path / "one", atol=1e-5)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def _other_tokenizer_dataset(tiny_dataset: Path, minilm_dir: Path, dest: Path) -> Path:
+    """The tiny dataset, but shipped with a tokenizer of 5000 WordPiece tokens."""
+    shutil.copytree(tiny_dataset, dest)
+    spec = json.loads((minilm_dir / "tokenizer.json").read_text())
+    spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i < 5000}
+    (dest / "tokenizer.json").write_text(json.dumps(spec))
+    (dest / "vocab.txt").unlink(missing_ok=True)
+    return dest
+
+
+def test_dataset_from_another_tokenizer_is_exit_2(tiny_dataset, tiny_model, minilm_dir, tmp_path):
+    data = _other_tokenizer_dataset(tiny_dataset, minilm_dir, tmp_path / "other")
+    r = run_mk("tune", str(data), "--model", str(tiny_model), "-o", str(tmp_path / "t"), *FAST)
+    assert r.returncode == 2, r.stderr
+    assert "another tokenizer" in r.stderr and "vocabulary of 5000" in r.stderr and r.stdout == ""
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.ckpt").exists()
+
+
+def test_label_count_that_disagrees_with_a_trained_head(tiny_dataset, minilm_dir, tmp_path):
+    from mk.core.errors import BadInput
+    two = make_tiny_model(tmp_path / "two", minilm_dir, labels=["bad", "good"])
+    with pytest.raises(BadInput, match="head has 2 labels") as e:
+        _tune(tiny_dataset, two, tmp_path / "t", max_steps=2)
+    assert "--new-head" in e.value.hint
+    result = _tune(tiny_dataset, two, tmp_path / "t", max_steps=2, new_head=True)
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["id2label"] == {
+        str(i): l for i, l in enumerate(LABELS)}
+    assert result["training"]["steps"] == 2
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_dataset, tiny_model, tmp_path):
+    r = run_mk("tune", str(tiny_dataset), "--model", str(tiny_model), "-o", str(tmp_path / "t"),
+               "--lr", "1e30", "--warmup", "0", "--max-grad-norm", "0", "--save-every", "1",
+               "--max-steps", "20", *FAST)
+    assert r.returncode == 1, r.stderr
+    assert "non-finite" in r.stderr and "at step" in r.stderr and "--lr" in r.stderr
+    step = int(r.stderr.split("at step ")[1].split(";")[0])
+    ckpt = tmp_path / "t.ckpt"
+    assert (ckpt / "last.pt").is_file() and not (tmp_path / "t").exists()
+    assert json.loads((ckpt / "state.json").read_text())["step"] == step - 1
+
+
+def test_cuda_out_of_memory_suggests_a_batch_size(tiny_dataset, tiny_model, tmp_path, monkeypatch):
+    import torch
+    from mk.core import train
+    from mk.core.errors import MkError
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "make_batch", oom)
+    with pytest.raises(MkError, match="out of memory") as e:
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=2, batch_size=32)
+    assert e.value.code == 1 and "--batch-size 16" in e.value.hint and "--grad-accum 2" in e.value.hint
