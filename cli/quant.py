@@ -1,0 +1,62 @@
+"""`mk quant`: int8 or fp16 ONNX models, with an accuracy gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mk.cli import options
+from mk.cli.app import command
+from mk.cli.output import emit, read_input
+
+
+@command("quant")
+def quant(
+    model: Annotated[Optional[Path], options.input_argument(
+        "ONNX model artifact, or a safetensors model (exported first to OUTPUT-onnx).")] = None,
+    output: options.Output = ...,
+    method: Annotated[str, typer.Option(
+        "--method", help="dynamic (int8 weights, activations quantized at run time), static (int8 QDQ "
+                         "calibrated on the dataset) or fp16.")] = "dynamic",
+    data: options.Data = None,
+    max_drop: Annotated[float, typer.Option(
+        "--max-drop", min=0, help="Largest allowed accuracy drop in points on the test split; "
+                                  "above it exit 3, artifact kept.")] = 1.0,
+    calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Calibration rows (static).")] = 256,
+    calib_method: Annotated[str, typer.Option(
+        "--calib-method", help="minmax, entropy or percentile (static).")] = "minmax",
+    per_channel: Annotated[bool, typer.Option(
+        "--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
+    reduce_range: Annotated[bool, typer.Option(
+        "--reduce-range", help="7-bit weights, for CPUs without VNNI (avoids overflow).")] = False,
+    fuse: Annotated[bool, typer.Option(
+        "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions before quantizing.")] = False,
+    op_types: Annotated[str, typer.Option(
+        "--op-types", help="Comma-separated operator types to quantize (e.g. MatMul,Gather,Attention).")
+    ] = "MatMul,Gather",
+    gate: Annotated[bool, typer.Option(
+        "--gate/--no-gate", help="Evaluate parent and result on the test split (needs a dataset).")] = True,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for evaluation.")] = None,
+    batch_size: options.BatchSize = 32,
+    force: options.Force = False,
+    trust_pickle: options.TrustPickle = False,
+    as_json: options.Json = False,
+):
+    """Quantize a model with ONNX Runtime and check that it keeps its accuracy.
+
+    The parent and the quantized model are evaluated on the test split of the
+    dataset in the lineage (or --data); both accuracies go into mk.json, and a drop
+    of more than --max-drop points exits 3 with the artifact kept. The defaults are
+    the fastest setting measured that keeps accuracy (README, "Quantization").
+    """
+    from mk.core.quantize import QuantSettings, quantize
+
+    settings = QuantSettings(method=method, per_channel=per_channel, reduce_range=reduce_range, fuse=fuse,
+                             op_types=[o.strip() for o in op_types.split(",") if o.strip()],
+                             calib_size=calib_size, calib_method=calib_method)
+    result = quantize(read_input(model, "model"), output, method=method, data=data, max_drop=max_drop,
+                      settings=settings, gate=gate, threads=threads, batch_size=batch_size, force=force,
+                      trust_pickle=trust_pickle)
+    emit(Path(result["path"]), result, as_json=as_json)

@@ -1,0 +1,369 @@
+"""`mk quant`: int8 (dynamic or static QDQ) and fp16 ONNX models, gated on accuracy.
+
+Everything numeric is ONNX Runtime's own tooling (`onnxruntime.quantization`
+quantize_dynamic / quantize_static with a CalibrationDataReader, and the
+`onnxruntime.transformers` fp16 converter); mk chooses the settings, feeds the
+calibration rows from the dataset, and checks the result:
+
+- the parent (fp32 ONNX) and the quantized model are evaluated on the dataset's
+  test split through `load_runtime` + `evaluate` (what `mk bench` uses); both
+  figures go into `mk.json` metrics, and a drop above `--max-drop` points raises
+  GateFailed (exit 3) with the artifact kept;
+- size before and after is recorded and reported.
+
+A safetensors model given as input is first exported (with `core.export`, the
+same as `mk export-onnx`) to a sibling artifact `<OUT>-onnx` beside the output;
+the quantized artifact's `parent` is that export, whose own parent is the torch
+model, so `mk info --lineage` shows tuned → export → quant. The sibling is
+reused when it was exported from the same model (same parent digest), so Make
+and repeated runs do not export twice.
+
+Defaults, chosen by measurement (scripts/bench_quant.py; README "Quantization"):
+dynamic int8, weights per channel, the MatMuls with constant weights and the
+embedding Gathers (weights only: as fast as MatMul alone, 2.5x smaller), on the
+plain export (no transformer fusions first), no reduce-range on a CPU with VNNI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
+from mk.core.console import log
+from mk.core.errors import BadInput, GateFailed
+from mk.core.export import (EXTERNAL_DATA_NAME, check_inputs, check_same_tokenizer, copy_tokenizer_files,
+                            export_onnx, load_onnx, onnx_bytes, optimize_transformer, save_onnx, to_fp16)
+
+METHODS = ("dynamic", "static", "fp16")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+             "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QEmbedLayerNormalization",
+             "QGemm", "DynamicQuantizeLSTM", "MatMulNBits"}
+DEFAULT_METHOD = "dynamic"
+EXPORT_SUFFIX = "-onnx"
+
+
+@dataclass
+class QuantSettings:
+    """How to quantize; the defaults are the measured best on a 2-core AVX-512 VNNI CPU."""
+
+    method: str = DEFAULT_METHOD
+    per_channel: bool = True
+    reduce_range: bool = False
+    fuse: bool = False                  # ORT transformer fusions before quantizing
+    op_types: list[str] = field(default_factory=lambda: ["MatMul", "Gather"])
+    calib_size: int = 256
+    calib_method: str = "minmax"
+    calib_batch_size: int = 16
+    matmul_const_b_only: bool = True    # never quantize activation x activation MatMuls
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def quantized_nodes(model) -> list[str]:
+    """Op types of quantized (or already converted) nodes in a graph."""
+    from onnx import TensorProto
+
+    ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS or n.op_type.startswith("QLinear")})
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        ops.append("fp16 weights")
+    return ops
+
+
+def check_not_quantized(art: Artifact, model) -> None:
+    record = art.manifest.get("quantization") or art.metrics.get("quantization")
+    fp16_export = (art.manifest.get("onnx") or {}).get("fp16")
+    found = quantized_nodes(model)
+    if record or fp16_export or found:
+        why = (f"its mk.json records a {record.get('method', '')} quantization" if isinstance(record, dict)
+               else "it was exported in fp16" if fp16_export else f"its graph has {', '.join(found[:4])}")
+        raise BadInput(f"{art.path}: the model is already quantized ({why})",
+                       hint="quantize the fp32 parent instead (see `mk info --lineage`)")
+
+
+def open_onnx_model(art: Artifact):
+    """Load and validate an ONNX artifact's model.onnx (weights left on disk)."""
+    path = art.path / "model.onnx"
+    if not path.is_file():
+        raise BadInput(f"{art.path}: ONNX artifact without model.onnx")
+    model = load_onnx(path, load_external_data=False)
+    check_inputs(model, path)
+    return model
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class DatasetCalibrationReader:
+    """onnxruntime.quantization.CalibrationDataReader over the first `size` rows of a split."""
+
+    def __init__(self, split: dict, input_names: list[str], size: int, batch_size: int = 16):
+        rows = {k: v[:size] for k, v in split.items() if k != "labels"}
+        if "attention_mask" in rows:  # one width for all batches: histogram calibrators need equal shapes
+            width = max(int(rows["attention_mask"].sum(axis=1).max()), 1)
+            rows = {k: (v[:, :width] if k != "pixel_values" else v) for k, v in rows.items()}
+        n = len(next(iter(rows.values())))
+        self._feeds = []
+        for i in range(0, n, batch_size):
+            feed = {k: (v[i:i + batch_size].astype(np.float32) if k == "pixel_values"
+                        else v[i:i + batch_size].astype(np.int64))
+                    for k, v in rows.items() if k in input_names}
+            if "token_type_ids" in input_names and "token_type_ids" not in feed:
+                feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+            self._feeds.append(feed)
+        self.rows = n
+        self._it = iter(self._feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._feeds)
+
+    def __len__(self):
+        return len(self._feeds)
+
+
+# --------------------------------------------------------------------------- the ONNX Runtime calls
+
+
+def quantize_file(src: Path, dst: Path, settings: QuantSettings, config: dict | None = None,
+                  calibration: DatasetCalibrationReader | None = None, work: Path | None = None) -> dict:
+    """Quantize one ONNX file with ONNX Runtime's tooling; returns what was done."""
+    import contextlib
+    import sys
+
+    # the calibrators print their progress on stdout, which carries only mk's result
+    with contextlib.redirect_stdout(sys.stderr):
+        return _quantize_file(src, dst, settings, config, calibration, work)
+
+
+def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    work = Path(work or dst.parent)
+    done: dict = {}
+    # the tooling logs "consider pre-processing" on the root logger, on every call
+    logging.getLogger().setLevel(logging.ERROR)
+    if settings.method == "fp16":
+        to_fp16(src, dst)
+        return {"converter": "onnxruntime.transformers OnnxModel.convert_float_to_float16(keep_io_types=True)"}
+    if settings.fuse:
+        fused_path = work / "fused.onnx"
+        done["fused_operators"] = optimize_transformer(src, fused_path, config or {})
+        src = fused_path
+    big = (Path(src).parent / EXTERNAL_DATA_NAME).is_file()
+    extra = {"MatMulConstBOnly": settings.matmul_const_b_only,
+             # fused contrib ops (SkipLayerNormalization, …) have no ONNX type inference
+             "DefaultTensorType": onnx.TensorProto.FLOAT}
+    if settings.method == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=settings.per_channel,
+                         reduce_range=settings.reduce_range, op_types_to_quantize=settings.op_types or None,
+                         use_external_data_format=big, extra_options=extra)
+        done.update(weight_type="int8", activations="uint8, scale per batch at run time")
+    elif settings.method == "static":
+        if calibration is None or not len(calibration):
+            raise BadInput("static quantization needs calibration rows", hint="pass --data DATASET")
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[settings.calib_method]
+        quantize_static(str(src), str(dst), calibration, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=settings.op_types or None, per_channel=settings.per_channel,
+                        reduce_range=settings.reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method, use_external_data_format=big,
+                        extra_options={**extra, "CalibTensorRangeSymmetric": False})
+        done.update(weight_type="int8", activation_type="uint8", format="QDQ",
+                    calibration={"method": settings.calib_method, "rows": settings.calib_size,
+                                 "batches": len(calibration)})
+    else:
+        raise BadInput(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
+    _single_file(dst)
+    return done
+
+
+def _single_file(path: Path) -> None:
+    """Whatever files the tooling wrote beside `path` (external weights under its own
+    names) become model.onnx alone, or model.onnx + model.onnx.data past 2 GB."""
+    import onnx
+
+    path = Path(path)
+    others = [p for p in path.parent.iterdir() if p != path]
+    if not others:
+        return
+    model = onnx.load(str(path))
+    for p in others:
+        p.unlink()
+    save_onnx(model, path)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: bool) -> tuple[Artifact, bool]:
+    """The fp32 ONNX parent: the input itself, or its export in the sibling `<out>-onnx`."""
+    if art.format == "onnx":
+        return art, False
+    if art.format != "safetensors":
+        raise BadInput(f"{art.path}: a {art.format} model cannot be quantized; give the ONNX or safetensors model")
+    sibling = out.parent / f"{out.name}{EXPORT_SUFFIX}"
+    if sibling.exists():
+        try:
+            prev = open_artifact(sibling, kind="model")
+            same = (prev.format == "onnx" and (prev.manifest.get("parent") or {}).get("sha256") == art.digest()
+                    and not (prev.manifest.get("onnx") or {}).get("fp16"))
+        except BadInput:
+            same = False
+        if same:
+            log.info("reusing the export %s of %s", sibling, art.path)
+            return prev, False
+        if not force:
+            raise BadInput(f"{sibling}: already exists and is not an fp32 export of {art.path}",
+                           hint="pass --force to export again, or choose another -o")
+    log.info("exporting %s to ONNX first: %s", art.path, sibling)
+    export_onnx(art.path, sibling, data=data, force=True, trust_pickle=trust_pickle,
+                step_of="mk quant: a safetensors input is exported first (the export-onnx step)")
+    return open_artifact(sibling, kind="model"), True
+
+
+def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, data: str | Path | None = None,
+             max_drop: float = 1.0, settings: QuantSettings | None = None, gate: bool = True,
+             threads: int | None = None, batch_size: int = 32, force: bool = False,
+             trust_pickle: bool = False) -> dict:
+    """Quantize a model artifact into `out`; evaluate parent and result; return a result dict.
+
+    Raises BadInput (nothing written) for bad input and GateFailed (artifact kept) when
+    accuracy drops by more than `max_drop` points."""
+    from mk.core.dataset import dataset_for, load_split
+
+    settings = settings or QuantSettings(method=method)
+    settings.method = method
+    if method not in METHODS:
+        raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if settings.calib_method not in CALIB_METHODS:
+        raise BadInput(f"--calib-method {settings.calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
+    if settings.calib_size < 1:
+        raise BadInput(f"--calib-size {settings.calib_size}: needs at least one row")
+    if max_drop < 0:
+        raise BadInput(f"--max-drop {max_drop}: a drop allowance cannot be negative (points of accuracy)")
+    out = check_output(Path(out), force)
+    art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
+    if art.path.resolve() == out.resolve():
+        raise BadInput(f"{out}: the output would overwrite the input")
+
+    # ---- validate everything before anything is written
+    if art.format == "onnx":
+        check_not_quantized(art, open_onnx_model(art))
+    elif art.format == "safetensors":
+        if art.manifest.get("quantization"):
+            check_not_quantized(art, _empty_graph())
+    else:
+        raise BadInput(f"{art.path}: a {art.format} model cannot be quantized; give the ONNX or safetensors model")
+    needs_data = gate or method == "static"
+    ds = None
+    if needs_data:
+        try:
+            ds = dataset_for(art, data)
+        except BadInput as e:
+            if method == "static":
+                raise BadInput(f"{e.message}; static quantization calibrates on it",
+                               hint="pass --data DATASET (made by `mk prep`)") from None
+            raise BadInput(f"{e.message}; the accuracy gate evaluates on its test split",
+                           hint="pass --data DATASET, or --no-gate to skip the check") from None
+        if art.task == "text-classification":
+            check_same_tokenizer(art.path, ds, "calibration data" if method == "static" else "evaluation data")
+        test = load_split(ds, "test") if gate else None
+        if test is not None and ds.labels and art.labels and len(ds.labels) != len(art.labels):
+            raise BadInput(f"{ds.path}: {len(ds.labels)} labels, the model has {len(art.labels)}")
+
+    parent, exported = _prepare_parent(art, out, ds.path if ds else data, force, trust_pickle)
+    parent_model = open_onnx_model(parent)
+    input_names = check_inputs(parent_model, parent.path / "model.onnx")
+    del parent_model
+    config = _config(parent)
+    calibration = None
+    if method == "static":
+        split = next(s for s in ("train", "val", "test") if (ds.path / f"{s}.safetensors").is_file())
+        calibration = DatasetCalibrationReader(load_split(ds, split, limit=settings.calib_size), input_names,
+                                               settings.calib_size, settings.calib_batch_size)
+        settings.calib_size = min(settings.calib_size, calibration.rows)
+
+    with atomic_output(out, force) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        qdir = tmp / ".quant"
+        qdir.mkdir()
+        done = quantize_file(parent.path / "model.onnx", qdir / "model.onnx", settings, config, calibration, work)
+        for p in qdir.iterdir():
+            p.rename(tmp / p.name)
+        qdir.rmdir()
+        import shutil
+
+        shutil.rmtree(work)
+        copy_tokenizer_files(parent.path, tmp)
+        load_onnx(tmp / "model.onnx", load_external_data=False)
+        size_before, size_after = onnx_bytes(parent.path), onnx_bytes(tmp)
+        record = {**{k: v for k, v in asdict(settings).items()
+                     if method == "static" or not k.startswith("calib")}, **done,
+                  "onnxruntime": _ort_version(), "exported_first": exported}
+        if method == "fp16":
+            record = {"method": "fp16", **done, "onnxruntime": _ort_version(), "exported_first": exported}
+        metrics = {"size_bytes": size_after, "parent_size_bytes": size_before}
+        if gate:
+            from mk.core.evaluate import evaluate
+            from mk.core.runtime import load_runtime
+
+            n_labels = len(art.labels) or len(ds.labels)
+            before = evaluate(load_runtime(parent, "cpu", threads), test, n_labels, batch_size,
+                              "evaluating the parent")
+            quant_art = Artifact(tmp, {"kind": "model", "format": "onnx", "task": art.task, "labels": art.labels})
+            after = evaluate(load_runtime(quant_art, "cpu", threads), test, n_labels, batch_size,
+                             "evaluating the quantized model")
+            drop = round((before["accuracy"] - after["accuracy"]) * 100, 4)
+            metrics.update(accuracy=after["accuracy"], macro_f1=after["macro_f1"],
+                           parent_accuracy=before["accuracy"], parent_macro_f1=before["macro_f1"],
+                           accuracy_drop_points=drop, test_rows=after["n"], max_drop_points=max_drop)
+        write_manifest(tmp, kind="model", format="onnx", task=art.task, labels=art.labels, parent=parent,
+                       dataset=ds, metrics=metrics, quantization=record,
+                       size={"parent_bytes": size_before, "bytes": size_after})
+
+    result = {"path": str(out), "method": method, "parent": str(parent.path), "exported_first": exported,
+              "size_bytes": size_after, "parent_size_bytes": size_before,
+              "size_ratio": round(size_after / max(size_before, 1), 4), "metrics": metrics, "quantization": record}
+    log.info("quantized %s (%s): %s → %s (%.0f%%)", out, method, human_bytes(size_before), human_bytes(size_after),
+             100 * size_after / max(size_before, 1))
+    if gate:
+        log.info("accuracy on %d test rows: parent %.2f%%, quantized %.2f%% (drop %.2f points, allowed %.2f)",
+                 metrics["test_rows"], 100 * metrics["parent_accuracy"], 100 * metrics["accuracy"],
+                 metrics["accuracy_drop_points"], max_drop)
+        if metrics["accuracy_drop_points"] > max_drop:
+            raise GateFailed(f"{out}: accuracy dropped {metrics['accuracy_drop_points']:.2f} points "
+                             f"({100 * metrics['parent_accuracy']:.2f}% → {100 * metrics['accuracy']:.2f}%), "
+                             f"more than --max-drop {max_drop:g}", path=out, result=result,
+                             hint="the artifact was kept for inspection; try --method static with "
+                                  "--calib-method entropy, or per-channel weights")
+    return result
+
+
+def _empty_graph():
+    import onnx
+
+    return onnx.ModelProto()
+
+
+def _config(art: Artifact) -> dict:
+    try:
+        return json.loads((art.path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

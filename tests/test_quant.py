@@ -1,0 +1,229 @@
+"""`mk quant`: dynamic / static / fp16 models that load and agree with their parent,
+a real accuracy gate, safetensors input exported first (in the lineage), pipes,
+and every bad input refused with exit 2 and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_mk
+
+MK = str(Path(sys.executable).with_name("mk"))
+
+
+def make_model(out: Path, tokenizer_dir: Path, init_range: float) -> Path:
+    """A tiny BERT classifier (hidden 32, 2 layers, the real MiniLM tokenizer) whose
+    weights are drawn with `init_range`: with the usual 0.02 a random head answers
+    one class for every input and nothing could ever disagree; 0.3 gives varied
+    answers with clear margins, 1.0 varied answers with many near ties."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from conftest import LABELS
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3,
+                        id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)},
+                        initializer_range=init_range)
+    BertForSequenceClassification(config).eval().save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _export(tmp_path_factory, minilm_dir, tiny_dataset, init_range: float) -> Path:
+    from mk.core.export import export_onnx
+
+    root = tmp_path_factory.mktemp(f"qparent{init_range}")
+    model = make_model(root / "model", minilm_dir, init_range)
+    export_onnx(model, root / "onnx", data=tiny_dataset)
+    return root / "onnx"
+
+
+@pytest.fixture(scope="module")
+def onnx_parent(tmp_path_factory, minilm_dir, tiny_dataset) -> Path:
+    return _export(tmp_path_factory, minilm_dir, tiny_dataset, 0.3)
+
+
+@pytest.fixture(scope="module")
+def near_ties_parent(tmp_path_factory, minilm_dir, tiny_dataset) -> Path:
+    return _export(tmp_path_factory, minilm_dir, tiny_dataset, 1.0)
+
+
+def _predictions(path, split):
+    from mk.core.evaluate import predict
+    from mk.core.runtime import load_runtime
+
+    return predict(load_runtime(path, "cpu"), split).argmax(-1)
+
+
+@pytest.mark.parametrize("method, marker", [("dynamic", "MatMulInteger"), ("static", "QuantizeLinear"),
+                                            ("fp16", "fp16")])
+def test_each_method_loads_and_agrees_with_its_parent(tmp_path, onnx_parent, tiny_dataset, method, marker):
+    import onnx
+
+    from mk.core.artifact import open_artifact
+    from mk.core.dataset import load_split
+    from mk.core.quantize import QuantSettings, quantize, quantized_nodes
+
+    test = load_split(open_artifact(tiny_dataset), "test")
+    assert len(set(_predictions(onnx_parent, test))) > 1  # agreement would mean nothing otherwise
+
+    out = tmp_path / method
+    result = quantize(onnx_parent, out, method=method, max_drop=100,
+                      settings=QuantSettings(method=method, calib_size=64))
+    graph = onnx.load(str(out / "model.onnx"))
+    found = quantized_nodes(graph)
+    assert any(marker in f for f in found), found
+    agree = np.mean(_predictions(out, test) == _predictions(onnx_parent, test))
+    assert agree >= 0.8, agree
+    m = json.loads((out / "mk.json").read_text())
+    assert m["quantization"]["method"] == method and m["parent"]["abs_path"] == str(onnx_parent.resolve())
+    assert {"accuracy", "parent_accuracy", "accuracy_drop_points"} <= m["metrics"].keys()
+    assert m["metrics"]["size_bytes"] == result["size_bytes"]
+    assert result["size_bytes"] > 0 and result["parent_size_bytes"] > 0
+
+
+def _teacher_labelled(tmp_path, dataset: Path, onnx_model: Path) -> Path:
+    """The dataset with its test labels replaced by the fp32 model's own predictions,
+    so the parent scores 100 % and every prediction int8 changes is a real drop."""
+    import shutil
+
+    from mk.core.artifact import open_artifact, write_manifest
+    from mk.core.dataset import load_split, save_split
+
+    out = tmp_path / "teacher-data"
+    shutil.copytree(dataset, out)
+    (out / "mk.json").unlink()
+    data = open_artifact(dataset)
+    test = load_split(data, "test")
+    save_split(out, "test", {**test, "labels": _predictions(onnx_model, test)})
+    write_manifest(out, kind="dataset", format="safetensors", task="text-classification", labels=data.labels)
+    return out
+
+
+def test_gate_writes_both_accuracies_and_exits_3_on_a_real_drop(tmp_path, near_ties_parent, tiny_dataset):
+    data = _teacher_labelled(tmp_path, tiny_dataset, near_ties_parent)
+    out = tmp_path / "int8"
+    # the default int8 really flips some near ties of this model; none is allowed
+    r = run_mk("quant", str(near_ties_parent), "-o", str(out), "--data", str(data), "--max-drop", "0")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.strip() == str(out) and "more than --max-drop 0" in r.stderr
+    metrics = json.loads((out / "mk.json").read_text())["metrics"]
+    assert metrics["parent_accuracy"] == 1.0 and metrics["accuracy"] < 1.0
+    assert metrics["accuracy_drop_points"] == pytest.approx(100 * (1 - metrics["accuracy"]), abs=1e-3)
+
+
+def test_safetensors_input_is_exported_first_through_a_real_pipe(tmp_path, tiny_model, tiny_dataset):
+    from mk.core.artifact import open_artifact
+
+    out = tmp_path / "int8"
+    shell = f"echo {tiny_model} | {MK} quant -o {out} --data {tiny_dataset} --method dynamic"
+    r = subprocess.run(shell, shell=True, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    export = tmp_path / "int8-onnx"
+    chain = [a.path.resolve() for a, _ in open_artifact(out).lineage()]
+    assert chain == [out.resolve(), export.resolve(), tiny_model.resolve()]
+    assert open_artifact(export).format == "onnx"
+    assert json.loads((out / "mk.json").read_text())["quantization"]["exported_first"] is True
+    lineage = run_mk("info", str(out), "--lineage", check=True).stdout
+    assert "int8-onnx" in lineage and str(tiny_model.name) in lineage
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _refused(r, out: Path, *needles):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, r.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    assert r.stdout == "" and not out.exists() and not Path(f"{out}-onnx").exists()
+
+
+def _onnx_artifact(tmp_path, name: str, payload: bytes | None = None, model=None) -> Path:
+    from mk.core.artifact import write_manifest
+
+    d = tmp_path / name
+    d.mkdir()
+    if model is not None:
+        import onnx
+        onnx.save_model(model, str(d / "model.onnx"))
+    else:
+        (d / "model.onnx").write_bytes(payload)
+    write_manifest(d, kind="model", format="onnx", labels=["negative", "neutral", "positive"],
+                   task="text-classification")
+    return d
+
+
+def test_corrupt_and_truncated_onnx(tmp_path, onnx_parent, tiny_dataset):
+    whole = (onnx_parent / "model.onnx").read_bytes()
+    for name, payload in [("garbage", b"\x08\x07this is not a protobuf" * 50), ("truncated", whole[: len(whole) // 2])]:
+        src = _onnx_artifact(tmp_path, name, payload)
+        out = tmp_path / f"out-{name}"
+        _refused(run_mk("quant", str(src), "-o", str(out), "--data", str(tiny_dataset)), out, "model.onnx")
+
+
+def test_onnx_without_recognisable_inputs(tmp_path, tiny_dataset):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    src = _onnx_artifact(tmp_path, "odd", model=helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    out = tmp_path / "out"
+    _refused(run_mk("quant", str(src), "-o", str(out), "--data", str(tiny_dataset)), out,
+             "no recognisable inputs", "input_ids")
+
+
+def test_calibration_data_from_another_tokenizer(tmp_path, onnx_parent, tiny_dataset):
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset, other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["<pad>", "<unk>", "<s>", "</s>", "<mask>", "self", "driving", "cars"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), pad_token="<pad>", unk_token="<unk>", cls_token="<s>",
+                      sep_token="</s>", mask_token="<mask>").save_pretrained(str(other))
+    out = tmp_path / "out"
+    _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(other), "--method", "static"), out,
+             "another tokenizer", "the model's has 30522")
+
+
+def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_dataset):
+    from mk.core.quantize import quantize
+
+    int8 = tmp_path / "int8"
+    quantize(onnx_parent, int8, data=tiny_dataset, gate=False)
+    out = tmp_path / "int8-again"
+    _refused(run_mk("quant", str(int8), "-o", str(out), "--data", str(tiny_dataset)), out, "already quantized")
+    # the graph alone gives it away too, without the manifest's record
+    (int8 / "mk.json").unlink()
+    bare = _onnx_artifact(tmp_path, "bare", (int8 / "model.onnx").read_bytes())
+    _refused(run_mk("quant", str(bare), "-o", str(out), "--data", str(tiny_dataset)), out,
+             "already quantized", "MatMulInteger")
+
+
+def test_static_through_the_cli_keeps_stdout_for_the_result(tmp_path, onnx_parent, tiny_dataset):
+    """ONNX Runtime's calibrators print progress; it must not reach stdout."""
+    out = tmp_path / "static"
+    r = run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), "--method", "static",
+               "--calib-method", "entropy", "--calib-size", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["path"] == str(out) and result["quantization"]["calibration"]["method"] == "entropy"
+    assert result["metrics"]["parent_accuracy"] > 0 and "size_bytes" in result
