@@ -124,3 +124,24 @@ def test_an_onnx_model_is_not_exported_again(exported, tmp_path):
     out, _ = exported
     r = run_mk("export-onnx", str(out), "-o", str(tmp_path / "again"))
     assert r.returncode == 2 and "already a onnx model" in r.stderr and not (tmp_path / "again").exists()
+
+
+def test_an_image_classifier_exports_and_quantizes(tmp_path):
+    """pixel_values in, dynamic batch; verified on random images when there is no dataset."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from mk.core.export import export_onnx
+    from mk.core.quantize import quantize
+    from mk.core.runtime import load_runtime
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2, id2label={0: "cat", 1: "dog"},
+                       label2id={"cat": 0, "dog": 1})
+    ViTForImageClassification(config).eval().save_pretrained(str(tmp_path / "vit"))
+    result = export_onnx(tmp_path / "vit", tmp_path / "vit-onnx")
+    assert result["verification"]["passed"] and {s["shape"][0] for s in result["verification"]["shapes"]} == {1, 8, 32}
+    quantize(tmp_path / "vit-onnx", tmp_path / "vit-int8", gate=False)
+    images = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    assert load_runtime(tmp_path / "vit-int8", "cpu")({"pixel_values": images}).shape == (3, 2)
