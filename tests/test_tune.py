@@ -182,6 +182,22 @@ def test_sigterm_checkpoints_exits_130_and_resume_reaches_the_same_weights(tiny_
     assert any(e["event"] == "resume" for e in log)
 
 
+def test_a_failure_while_writing_the_output_keeps_the_training(tiny_dataset, tiny_model, tmp_path, monkeypatch):
+    from mk.core import train
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(train, "write_manifest", broken)
+    with pytest.raises(OSError):
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=5)
+    assert not (tmp_path / "t").exists()
+    assert json.loads((tmp_path / "t.ckpt" / "state.json").read_text())["step"] == 5
+    monkeypatch.undo()
+    result = _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=5, resume=True)
+    assert result["training"]["steps"] == 5 and (tmp_path / "t" / "mk.json").is_file()
+    assert [e["step"] for e in _log(tmp_path / "t") if e["event"] == "step"] == [1, 2, 3, 4, 5]
+
+
 def test_resume_without_a_checkpoint_is_bad_usage(tiny_dataset, tiny_model, tmp_path):
     from mk.core.errors import BadInput
     with pytest.raises(BadInput, match="no checkpoint"):
