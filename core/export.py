@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,8 +119,6 @@ def save_onnx(model, path: Path, external_data: bool | None = None) -> bool:
 
 
 def initializer_bytes(model) -> int:
-    from onnx import numpy_helper  # noqa: F401  (onnx is imported)
-
     total = 0
     for t in model.graph.initializer:
         if t.raw_data:
@@ -384,15 +381,6 @@ def _dynamo_export(wrapper, inputs: dict, path: Path, opset: int) -> None:
 
 
 # --------------------------------------------------------------------------- optimisation
-
-
-@dataclass
-class OnnxOptions:
-    opset: int = MIN_OPSET
-    exporter: str = "auto"        # auto | torchscript | dynamo
-    optimize: bool = False
-    fp16: bool = False
-    external_data: bool | None = None
 
 
 def optimize_transformer(src: Path, dst: Path, config: dict, fp16: bool = False,
