@@ -35,6 +35,13 @@ def _fmt(x, spec: str = ".3g", none: str = "–") -> str:
         return str(x)
 
 
+def _num(x, digits: int = 3) -> str:
+    """Significant digits without exponents: 0.325, 78.4, 1005, 36560."""
+    if x is None:
+        return "–"
+    return f"{x:.0f}" if abs(x) >= 10 ** (digits - 1) else f"{x:.{digits}g}"
+
+
 def _bytes(n) -> str:
     from mk.core.artifact import human_bytes
 
@@ -72,8 +79,8 @@ def offline_tables(result: dict):
             parent = f"[bold yellow]⚠ no faster ({_fmt(vp['median'], '.2f')}× {vp['parent']})[/]"
         seq = row["seq_len"] if row["seq_len"] != "data" else f"data≈{_fmt(row.get('padded_len'), '.0f')}"
         speed.add_row(row["artifact"], runtimes.get(row["artifact"], ""), str(row["batch_size"]), str(seq),
-                      _fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]),
-                      _fmt(thr["median"], ".4g"), _fmt(thr["spread_pct"], ".0f"),
+                      _num(lat["p50"]), _num(lat["p90"]), _num(lat["p99"]),
+                      _num(thr["median"], 4), _fmt(thr["spread_pct"], ".0f"),
                       f"{_fmt(su['median'], '.2f')}×", parent)
 
     arts = Table(title="mk bench: artifacts", title_justify="left")
@@ -101,8 +108,8 @@ def http_table(result: dict):
         lat = r["latency_ms"]
         err = f"[red]{100 * r['error_rate']:.1f}[/]" if r["error_rate"] else "0"
         t.add_row(str(r["concurrency"]), str(r["batch_size"]), str(r["requests"]), str(r["errors"]), err,
-                  _fmt(r["throughput_rps"], ".4g"), _fmt(r["throughput_samples_s"], ".4g"),
-                  _fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(r.get("accuracy"), ".4f"))
+                  _num(r["throughput_rps"], 4), _num(r["throughput_samples_s"], 4),
+                  _num(lat["p50"]), _num(lat["p90"]), _num(lat["p99"]), _fmt(r.get("accuracy"), ".4f"))
     return t
 
 
