@@ -191,9 +191,18 @@ def check_tokenizer(dataset: Artifact, model_path: Path, what: str = "model"):
         return model_tok
     declared = dataset.manifest.get("tokenizer")
     if model_tok is not None and isinstance(declared, dict) and declared.get("vocab_size"):
+        # no tokenizer files in the dataset: what its manifest says (`mk prep` records it)
+        diffs = []
         if int(declared["vocab_size"]) != len(model_tok):
-            raise BadInput(f"{dataset.path}: tokenized with a vocabulary of {declared['vocab_size']} tokens, "
-                           f"the {what}'s tokenizer has {len(model_tok)}",
+            diffs.append(f"vocabulary of {declared['vocab_size']} tokens, the {what}'s has {len(model_tok)}")
+        ids = declared.get("special_token_ids") or {}
+        mine = {k: v[1] for k, v in _tokenizer_signature(model_tok)["special_tokens"].items()}
+        changed = sorted(k for k in ids if k in mine and ids[k] != mine[k])
+        if changed:
+            diffs.append("different special tokens (" + ", ".join(changed) + ")")
+        if diffs:
+            raise BadInput(f"{dataset.path}: tokenized with another tokenizer than the {what} {model_path}: "
+                           + "; ".join(diffs),
                            hint=f"prepare the data with the {what}'s tokenizer: mk prep … --tokenizer {model_path}")
     elif "input_ids" in (dataset.manifest.get("keys") or ["input_ids"]):
         log.warning("cannot compare tokenizers (the %s has none to compare): trusting that %s was "

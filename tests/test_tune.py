@@ -309,6 +309,24 @@ def test_dataset_from_another_tokenizer_is_exit_2(tiny_dataset, tiny_model, mini
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.ckpt").exists()
 
 
+@pytest.mark.parametrize("vocab_size, cls_id, ok", [(30522, 101, True), (5000, 101, False), (30522, 2, False)])
+def test_a_dataset_without_tokenizer_files_is_checked_by_its_manifest(tiny_dataset, tiny_model, tmp_path,
+                                                                     vocab_size, cls_id, ok):
+    from mk.core.artifact import write_manifest
+    from mk.core.errors import BadInput
+    data = tmp_path / "bare"
+    shutil.copytree(tiny_dataset, data)
+    for f in data.glob("tokenizer*"):
+        f.unlink()
+    write_manifest(data, kind="dataset", format="safetensors", task="text-classification", labels=LABELS,
+                   tokenizer={"vocab_size": vocab_size, "special_token_ids": {"cls_token": cls_id, "pad_token": 0}})
+    if ok:
+        assert _tune(data, tiny_model, tmp_path / "t", max_steps=1)["training"]["steps"] == 1
+    else:
+        with pytest.raises(BadInput, match="another tokenizer"):
+            _tune(data, tiny_model, tmp_path / "t", max_steps=1)
+
+
 def test_label_count_that_disagrees_with_a_trained_head(tiny_dataset, minilm_dir, tmp_path):
     from mk.core.errors import BadInput
     two = make_tiny_model(tmp_path / "two", minilm_dir, labels=["bad", "good"])
