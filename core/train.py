@@ -222,7 +222,10 @@ def _head(config: dict) -> tuple[bool, list[str]]:
     archs = config.get("architectures") or []
     has_head = any("ForSequenceClassification" in a or "ForImageClassification" in a for a in archs)
     id2label = config.get("id2label") or {}
-    return has_head, [id2label[k] for k in sorted(id2label, key=int)]
+    names = [id2label[k] for k in sorted(id2label, key=int)]
+    if has_head and not names:  # transformers' default: two labels, unnamed
+        names = [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
+    return has_head, names
 
 
 def _default_names(names: list[str]) -> bool:
@@ -258,7 +261,7 @@ def check_teacher(teacher: Artifact, dataset: Artifact, labels: list[str]) -> No
     if len(names) != len(labels) or (not _default_names(names) and list(names) != list(labels)):
         raise BadInput(f"{teacher.path}: the teacher predicts {len(names)} labels ({', '.join(map(str, names))}), "
                        f"the dataset has {len(labels)} ({', '.join(labels)})")
-    if _has_tokenizer(teacher.path) and _has_tokenizer(dataset.path):
+    if dataset.task != "image-classification" and _has_tokenizer(teacher.path) and _has_tokenizer(dataset.path):
         check_tokenizer(dataset, teacher.path, what="teacher")
 
 
@@ -489,7 +492,8 @@ class Trainer:
             raise BadInput(f"{self.dataset.path}: needs at least two labels, has {len(self.labels)}")
         self.task = self.dataset.task or "text-classification"
         self.head = plan_head(self.base.path, self.labels, opts.new_head)
-        self.tokenizer = check_tokenizer(self.dataset, self.base.path)
+        self.tokenizer = (None if self.task == "image-classification"
+                          else check_tokenizer(self.dataset, self.base.path))
         self.teacher_art = None
         if opts.teacher:
             self.teacher_art = open_artifact(opts.teacher, kind="model")

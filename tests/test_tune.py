@@ -267,6 +267,29 @@ def test_distillation_loss_matches_the_formula():
     assert per_example_loss(s, y).item() == pytest.approx(ce.item(), rel=1e-6)
 
 
+def test_image_classification(tmp_path):
+    import torch
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTModel
+    from mk.core.artifact import write_manifest
+    from mk.core.dataset import save_split
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_channels=3)
+    ViTModel(config).save_pretrained(str(tmp_path / "vit"))  # a base encoder: mk tune gives it a head
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("val", 8), ("test", 8)):
+        y = np.arange(n) % 2
+        x = rng.normal(size=(n, 3, 16, 16)).astype(np.float32) + y[:, None, None, None]  # learnable
+        save_split(data, split, {"pixel_values": x, "labels": y})
+    write_manifest(data, kind="dataset", format="safetensors", task="image-classification", labels=["cat", "dog"])
+    result = _tune(data, tmp_path / "vit", tmp_path / "out", epochs=3, lr=1e-3)
+    model = AutoModelForImageClassification.from_pretrained(str(tmp_path / "out"))
+    assert model.config.id2label == {0: "cat", 1: "dog"} and result["metrics"]["n"] == 8
+
+
 # --- several processes ---------------------------------------------------------------------------
 
 
