@@ -79,8 +79,64 @@ def save_split(root: Path, split: str, arrays: dict[str, np.ndarray]) -> Path:
     token_type_ids int8, labels int64, pixel_values float32)."""
     from safetensors.numpy import save_file
 
-    dtypes = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8,
-              "labels": np.int64, "pixel_values": np.float32}
     path = Path(root) / f"{split}.safetensors"
-    save_file({k: np.ascontiguousarray(v, dtype=dtypes.get(k)) for k, v in arrays.items()}, str(path))
+    save_file({k: np.ascontiguousarray(v, dtype=SPLIT_DTYPES.get(k)) for k, v in arrays.items()}, str(path))
     return path
+
+
+_ST_DTYPES = {np.dtype(np.int32): "I32", np.dtype(np.int8): "I8", np.dtype(np.int64): "I64",
+              np.dtype(np.float32): "F32"}
+SPLIT_DTYPES = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8,
+                "labels": np.int64, "pixel_values": np.float32}
+
+
+class SplitWriter:
+    """Write one split's safetensors file in pieces, for splits larger than memory.
+
+    The shapes are known up front, so the header is written first and the file
+    is memory-mapped; rows land at any positions (a shuffled order costs
+    nothing), and each `write` flushes and drops its pages, so the memory used
+    stays that of one chunk. The file loads with `safetensors` like any other.
+    """
+
+    def __init__(self, root: Path, split: str, rows: int, tails: dict[str, tuple[int, ...]]):
+        import json
+        import mmap
+
+        self.path = Path(root) / f"{split}.safetensors"
+        header, offset, layout = {}, 0, []
+        for name in sorted(tails):
+            dtype = np.dtype(SPLIT_DTYPES[name])
+            shape = (rows, *tails[name])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            layout.append((name, dtype, shape, offset))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        start = 8 + len(blob)
+        with open(self.path, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            f.truncate(start + offset)
+        self._file = open(self.path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), start + offset) if offset else None
+        self.arrays = {name: (np.ndarray(shape, dtype, buffer=self._map, offset=start + off) if self._map
+                              else np.zeros(shape, dtype)) for name, dtype, shape, off in layout}
+
+    def write(self, positions: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Put row i of every array at row positions[i] of the split."""
+        import mmap
+
+        for name, values in arrays.items():
+            self.arrays[name][positions] = values
+        if self._map is not None:
+            self._map.flush()
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> Path:
+        self.arrays = {}
+        if self._map is not None:
+            self._map.flush()
+            self._map.close()
+        self._file.close()
+        return self.path
