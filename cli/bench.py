@@ -82,7 +82,6 @@ def bench(
     output: Annotated[Optional[Path], typer.Option(
         "-o", "--output", help="Save results: .csv or .parquet (a row per artifact and shape), .json (all).")
     ] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json-out", hidden=True)] = None,
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Save a plot (.png, .svg, .pdf): accuracy vs throughput, latency bars.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(
@@ -109,8 +108,6 @@ def bench(
 
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
-    if json_out is not None and output is None:
-        output = json_out
     check_paths(output, plot)
     allowance, base = None, None
     if baseline is not None:

@@ -30,6 +30,7 @@ import numpy as np
 from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
 from mk.core.console import log
 from mk.core.errors import BadInput, GateFailed, MkError
+from mk.core.tokenizer_match import check_same_tokenizer
 
 MIN_OPSET = 17
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -142,71 +143,6 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def tokenizer_signature(folder: Path) -> dict | None:
-    """Vocabulary size and special tokens (with ids) of the tokenizer in a folder,
-    or None when the folder has none."""
-    folder = Path(folder)
-    if not any((folder / n).is_file() for n in ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
-                                                "sentencepiece.bpe.model")):
-        return None
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                         trust_remote_code=False)
-    except Exception as e:
-        raise BadInput(f"{folder}: unreadable tokenizer ({_first_line(e)})") from None
-    special = {name: (str(value), tok.convert_tokens_to_ids(value))
-               for name, value in tok.special_tokens_map.items() if isinstance(value, str)}
-    return {"vocab_size": len(tok), "special_tokens": special}
-
-
-def check_same_tokenizer(model_dir: Path, data: Artifact, what: str = "data") -> None:
-    """Refuse a dataset tokenized by another tokenizer than the model's: compare the
-    vocabulary size and the special tokens with their ids."""
-    mine = tokenizer_signature(model_dir)
-    theirs = tokenizer_signature(data.path)
-    if mine is None or theirs is None:
-        return _check_token_range(model_dir, data, what)
-    problems = []
-    if mine["vocab_size"] != theirs["vocab_size"]:
-        problems.append(f"vocabulary of {theirs['vocab_size']} tokens, the model's has {mine['vocab_size']}")
-    for name in sorted(set(mine["special_tokens"]) | set(theirs["special_tokens"])):
-        a, b = mine["special_tokens"].get(name), theirs["special_tokens"].get(name)
-        if a != b:
-            problems.append(f"{name} is {_tok(b)}, the model's is {_tok(a)}")
-    if problems:
-        raise BadInput(f"{data.path}: the {what} was tokenized with another tokenizer than the model "
-                       f"{model_dir}: {'; '.join(problems[:3])}",
-                       hint="re-run `mk prep … --tokenizer MODEL` with this model's tokenizer")
-    _check_token_range(model_dir, data, what)
-
-
-def _check_token_range(model_dir: Path, data: Artifact, what: str) -> None:
-    """Token ids beyond the model's embedding table mean another tokenizer too."""
-    try:
-        vocab = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size")
-    except (OSError, json.JSONDecodeError):
-        return
-    if not vocab:
-        return
-    from mk.core.dataset import load_split
-
-    for split in ("test", "val", "train"):
-        if (data.path / f"{split}.safetensors").is_file():
-            ids = load_split(data, split).get("input_ids")
-            if ids is not None and ids.size and int(ids.max()) >= vocab:
-                raise BadInput(f"{data.path}: the {what} has token id {int(ids.max())}, beyond the model's "
-                               f"vocabulary of {vocab}: it was tokenized with another tokenizer",
-                               hint="re-run `mk prep … --tokenizer MODEL` with this model's tokenizer")
-            return
-
-
-def _tok(t) -> str:
-    return "absent" if t is None else f"{t[0]!r} (id {t[1]})"
 
 
 def _first_line(e: Exception) -> str:
@@ -498,7 +434,7 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     config = json.loads((art.path / "config.json").read_text())
     ds = _dataset_or_none(art, data)
     if ds is not None and art.task == "text-classification":
-        check_same_tokenizer(art.path, ds, "verification data")
+        check_same_tokenizer(ds, art.path)
 
     torch_model = _load_for_export(art, trust_pickle)
     inputs = _export_inputs(torch_model, art.task, config)

@@ -36,7 +36,8 @@ import numpy as np
 from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
 from mk.core.console import log
 from mk.core.errors import BadInput, GateFailed
-from mk.core.export import (EXTERNAL_DATA_NAME, check_inputs, check_same_tokenizer, copy_tokenizer_files,
+from mk.core.tokenizer_match import check_same_tokenizer
+from mk.core.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
                             export_onnx, load_onnx, onnx_bytes, optimize_transformer, save_onnx, to_fp16)
 
 METHODS = ("dynamic", "static", "fp16")
@@ -276,7 +277,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
             raise BadInput(f"{e.message}; the accuracy gate evaluates on its test split",
                            hint="pass --data DATASET, or --no-gate to skip the check") from None
         if art.task == "text-classification":
-            check_same_tokenizer(art.path, ds, "calibration data" if method == "static" else "evaluation data")
+            check_same_tokenizer(ds, art.path)
         test = load_split(ds, "test") if gate else None
         if test is not None and ds.labels and art.labels and len(ds.labels) != len(art.labels):
             raise BadInput(f"{ds.path}: {len(ds.labels)} labels, the model has {len(art.labels)}")

@@ -41,12 +41,12 @@ from mk.core.artifact import Artifact, atomic_output, check_output, open_artifac
 from mk.core.console import log, progress
 from mk.core.dataset import TEXT_KEYS, load_split, num_rows, open_dataset
 from mk.core.errors import INTERRUPTED, BadInput, MkError
+from mk.core.runtime.torch_runtime import accepts_token_types
+from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
 
 LOG_NAME = "train_log.jsonl"
 CKPT_NAME = "last.pt"
 BEST_NAME = "best.pt"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
 # Options that must match for --resume to continue the same run.
 RUN_KEYS = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup", "schedule",
             "max_grad_norm", "patience", "seed", "lora", "lora_alpha", "lora_dropout", "temperature",
@@ -147,69 +147,6 @@ def is_main_process() -> bool:
 # ---------------------------------------------------------------------------
 # Checks at the boundary: tokenizer, labels, teacher
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
-
-
-def _load_tokenizer(path: Path):
-    import transformers
-    from transformers import AutoTokenizer
-
-    transformers.logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInput(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-
-
-def _tokenizer_signature(tok) -> dict:
-    specials = {name: (value, tok.convert_tokens_to_ids(value))
-                for name, value in sorted(tok.special_tokens_map.items()) if isinstance(value, str)}
-    return {"vocab_size": len(tok), "special_tokens": specials}
-
-
-def check_tokenizer(dataset: Artifact, model_path: Path, what: str = "model"):
-    """The dataset must be tokenized with the model's tokenizer: same vocabulary and
-    special tokens. Returns the tokenizer to ship with the output (or None)."""
-    model_tok = _load_tokenizer(model_path) if _has_tokenizer(model_path) else None
-    data_tok = _load_tokenizer(dataset.path) if _has_tokenizer(dataset.path) else None
-    if model_tok is not None and data_tok is not None:
-        m, d = _tokenizer_signature(model_tok), _tokenizer_signature(data_tok)
-        diffs = []
-        if m["vocab_size"] != d["vocab_size"]:
-            diffs.append(f"vocabulary of {d['vocab_size']} tokens, the {what}'s has {m['vocab_size']}")
-        elif model_tok.get_vocab() != data_tok.get_vocab():
-            diffs.append("same vocabulary size but different tokens")
-        if m["special_tokens"] != d["special_tokens"]:
-            changed = sorted(k for k in m["special_tokens"].keys() | d["special_tokens"].keys()
-                             if m["special_tokens"].get(k) != d["special_tokens"].get(k))
-            diffs.append("different special tokens (" + ", ".join(changed) + ")")
-        if diffs:
-            raise BadInput(f"{dataset.path}: tokenized with another tokenizer than the {what} {model_path}: "
-                           + "; ".join(diffs),
-                           hint=f"prepare the data with the {what}'s tokenizer: mk prep … --tokenizer {model_path}")
-        return model_tok
-    declared = dataset.manifest.get("tokenizer")
-    if model_tok is not None and isinstance(declared, dict) and declared.get("vocab_size"):
-        # no tokenizer files in the dataset: what its manifest says (`mk prep` records it)
-        diffs = []
-        if int(declared["vocab_size"]) != len(model_tok):
-            diffs.append(f"vocabulary of {declared['vocab_size']} tokens, the {what}'s has {len(model_tok)}")
-        ids = declared.get("special_token_ids") or {}
-        mine = {k: v[1] for k, v in _tokenizer_signature(model_tok)["special_tokens"].items()}
-        changed = sorted(k for k in ids if k in mine and ids[k] != mine[k])
-        if changed:
-            diffs.append("different special tokens (" + ", ".join(changed) + ")")
-        if diffs:
-            raise BadInput(f"{dataset.path}: tokenized with another tokenizer than the {what} {model_path}: "
-                           + "; ".join(diffs),
-                           hint=f"prepare the data with the {what}'s tokenizer: mk prep … --tokenizer {model_path}")
-    elif "input_ids" in (dataset.manifest.get("keys") or ["input_ids"]):
-        log.warning("cannot compare tokenizers (the %s has none to compare): trusting that %s was "
-                    "tokenized for %s", "dataset" if model_tok is not None else what, dataset.path, model_path)
-    return model_tok or data_tok
-
-
 def _config(path: Path) -> dict:
     try:
         return json.loads((Path(path) / "config.json").read_text())
@@ -261,8 +198,8 @@ def check_teacher(teacher: Artifact, dataset: Artifact, labels: list[str]) -> No
     if len(names) != len(labels) or (not _default_names(names) and list(names) != list(labels)):
         raise BadInput(f"{teacher.path}: the teacher predicts {len(names)} labels ({', '.join(map(str, names))}), "
                        f"the dataset has {len(labels)} ({', '.join(labels)})")
-    if dataset.task != "image-classification" and _has_tokenizer(teacher.path) and _has_tokenizer(dataset.path):
-        check_tokenizer(dataset, teacher.path, what="teacher")
+    if dataset.task != "image-classification" and has_tokenizer(teacher.path) and has_tokenizer(dataset.path):
+        check_same_tokenizer(dataset, teacher.path, "teacher")
 
 
 def _check_split(name: str, split: dict, labels: list[str], vocab: int | None, positions: int | None,
@@ -327,10 +264,6 @@ def make_batch(split: dict, idx: np.ndarray, device, accepts_token_types: bool =
     return feed, labels
 
 
-def _accepts_token_types(model) -> bool:
-    return "token_type_ids" in model.forward.__code__.co_varnames
-
-
 def _base_model(model):
     """The transformers model under a peft wrapper (for forward's signature)."""
     get = getattr(model, "get_base_model", None)
@@ -346,7 +279,7 @@ class _InMemoryRuntime:
 
         rt = TorchRuntime.__new__(TorchRuntime)
         rt.model, rt.device, rt.threads, rt.artifact = model, str(device), None, None
-        rt._accepts_token_types = _accepts_token_types(_base_model(model))
+        rt._accepts_token_types = accepts_token_types(_base_model(model))
         return rt
 
 
@@ -493,7 +426,7 @@ class Trainer:
         self.task = self.dataset.task or "text-classification"
         self.head = plan_head(self.base.path, self.labels, opts.new_head)
         self.tokenizer = (None if self.task == "image-classification"
-                          else check_tokenizer(self.dataset, self.base.path))
+                          else check_same_tokenizer(self.dataset, self.base.path))
         self.teacher_art = None
         if opts.teacher:
             self.teacher_art = open_artifact(opts.teacher, kind="model")
@@ -622,7 +555,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.schedule, warmup, total))
         scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         autocast = autocast_factory(self.precision, self.device)
-        accepts_tt = _accepts_token_types(_base_model(model))
+        accepts_tt = accepts_token_types(_base_model(model))
 
         state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "log_offset": 0,
                  "stopped_early": False}

@@ -33,6 +33,14 @@ def load_classifier(path, task: str | None, num_labels: int | None = None, dtype
         raise BadInput(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
 
 
+def accepts_token_types(model) -> bool:
+    """Whether forward() takes token_type_ids (BERT does, DistilBERT does not).
+    The signature, not __code__: transformers wraps forward in decorators."""
+    import inspect
+
+    return "token_type_ids" in inspect.signature(model.forward).parameters
+
+
 class TorchRuntime:
     name = "torch"
 
@@ -45,7 +53,7 @@ class TorchRuntime:
         self.device = resolve_device(device)
         self.artifact = art
         self.model = load_classifier(art.path, art.task).to(self.device).eval()
-        self._accepts_token_types = "token_type_ids" in self.model.forward.__code__.co_varnames
+        self._accepts_token_types = accepts_token_types(self.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import torch
