@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
 
 from rich.console import Console
 
-# rich honours NO_COLOR by itself; stderr keeps stdout free for results.
-console = Console(stderr=True, highlight=False)
+# rich honours NO_COLOR by itself; stderr keeps stdout free for results. Off a
+# terminal (CI logs, files) rich would wrap at 80 columns and cut table cells;
+# logs are wider than that, so COLUMNS or 160 there.
+console = Console(stderr=True, highlight=False,
+                  width=None if sys.stderr.isatty() else int(os.environ.get("COLUMNS") or 160))
 log = logging.getLogger("mk")
 _state = {"verbosity": 0}
 

@@ -1,0 +1,35 @@
+"""`mk demo`: the whole chain on the embedded model and dataset."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from mk.cli import options
+from mk.cli.app import command
+from mk.cli.output import emit
+
+
+@command("demo")
+def demo(
+    output: options.Output,
+    sample: Annotated[int, typer.Option("--sample", min=100,
+                                        help="Tweets to take (stratified) from the embedded dataset.")] = 3000,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.1, help="Fine-tuning epochs.")] = 2,
+    seed: options.Seed = 0,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1,
+                                                   help="CPU threads for the benchmark.")] = None,
+    force: options.Force = False,
+    as_json: options.Json = False,
+):
+    """Run prep → tune → export-onnx → quant → bench on the embedded MiniLM and tweets.
+
+    Each step is the real `mk` command, shown before it runs; the artifacts land in
+    OUTPUT (data/, tuned/, onnx/, int8/, bench.json, bench.png) and the last step
+    prints the benchmark table. Takes a few minutes on a laptop CPU.
+    """
+    from mk.core.demo import run_demo
+
+    result = run_demo(output, sample=sample, epochs=epochs, seed=seed, threads=threads, force=force)
+    emit(output, result, as_json=as_json)

@@ -1,0 +1,37 @@
+"""`mk demo` end to end on the real embedded model and dataset: the chain a new
+user runs first, through the real `mk` executable at every step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_mk
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_the_whole_chain_and_ends_with_the_bench_table(tmp_path):
+    out = tmp_path / "demo"
+    r = run_mk("demo", "-o", str(out), "--epochs", "1", "--threads", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str(out)
+    for step in ("$ mk prep tweets", "$ mk tune data", "$ mk export-onnx tuned", "$ mk quant onnx", "$ mk bench"):
+        assert step in r.stderr
+    assert "mk bench: latency and throughput" in r.stderr
+
+    report = json.loads((out / "bench.json").read_text())
+    assert [a["name"] for a in report["artifacts"]] == ["tuned", "onnx", "int8"]
+    assert all(a["accuracy"] > 0.5 for a in report["artifacts"])  # three classes: chance is 1/3
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    lineage = json.loads(run_mk("info", str(out / "int8"), "--lineage", "--json", check=True).stdout)
+    assert [step["path"].rsplit("/", 1)[-1] for step in lineage["lineage"]][:3] == ["int8", "onnx", "tuned"]
+    assert not list(tmp_path.glob(".demo.tmp-*"))
+
+
+def test_demo_refuses_to_overwrite_without_force(tmp_path):
+    (tmp_path / "demo").mkdir()
+    r = run_mk("demo", "-o", str(tmp_path / "demo"))
+    assert r.returncode == 2 and "--force" in r.stderr
