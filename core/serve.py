@@ -111,11 +111,15 @@ class ModelState:
         self.metrics = Metrics(name)
         self.max_batch = 1024
         self.max_seq = None
+        self.vocab: dict[str, int] = {}  # input name -> number of ids its embedding table has
         try:
             cfg = json.loads((art.path / "config.json").read_text())
             if isinstance(cfg.get("max_position_embeddings"), int):
                 self.max_seq = cfg["max_position_embeddings"]
-        except (OSError, ValueError):
+            for name, key in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
+                if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                    self.vocab[name] = cfg[key]
+        except (OSError, ValueError, AttributeError):
             pass
 
     @property
@@ -173,6 +177,11 @@ class ModelState:
             raise HTTPError(400, f"batch of {shape[0]} is over this server's limit of {self.max_batch}")
         if self.max_seq and shape[1] > self.max_seq:
             raise HTTPError(400, f"sequence of {shape[1]} tokens is over the model's {self.max_seq} positions")
+        for k, n in self.vocab.items():
+            # out-of-range ids fail deep in the runtime (a 500), and negative ones silently index from the end
+            if k in batch and (batch[k].min() < 0 or batch[k].max() >= n):
+                raise HTTPError(400, f"input {k}: ids must be in 0..{n - 1}, got {int(batch[k].min())}"
+                                     f"..{int(batch[k].max())}")
         batch.setdefault("attention_mask", np.ones(shape, dtype=np.int64))
         return batch
 

@@ -124,6 +124,10 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server):
         ({"inputs": [tensor("pixels", [[1, 2]])]}, "unknown input"),
         ({"inputs": [tensor("input_ids", [[1] * 200])]}, "positions"),
         ({"inputs": [tensor("attention_mask", [[1, 1]])]}, "input_ids"),
+        # ids outside the vocabulary: a 500 from deep in the runtime, or (negative) silently wrong logits
+        ({"inputs": [tensor("input_ids", [[101, 99999999, 102]])]}, "0..30521"),
+        ({"inputs": [tensor("input_ids", [[101, -5, 102]])]}, "0..30521"),
+        ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("token_type_ids", [[0, 7]])]}, "token_type_ids"),
     ]
     for body, text in cases:
         status, out = call(infer, "POST", body)
