@@ -285,6 +285,14 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     parent, exported = _prepare_parent(art, out, ds.path if ds else data, force, trust_pickle)
     parent_model = open_onnx_model(parent)
     input_names = check_inputs(parent_model, parent.path / "model.onnx")
+    if method != "fp16" and settings.op_types and not settings.fuse:
+        present = {n.op_type for n in parent_model.graph.node}
+        if not present & set(settings.op_types):
+            raise BadInput(f"--op-types {','.join(settings.op_types)}: no such operator in {parent.path}/model.onnx, "
+                           "so nothing would be quantized",
+                           hint=f"its graph has {', '.join(sorted(present & {'MatMul', 'Gemm', 'Gather', 'Conv', 'Attention'}) or sorted(present)[:8])}")
+        for op in sorted(set(settings.op_types) - present):
+            log.warning("--op-types %s: no such operator in %s/model.onnx", op, parent.path)
     del parent_model
     config = _config(parent)
     calibration = None

@@ -217,6 +217,13 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_da
              "already quantized", "MatMulInteger")
 
 
+def test_op_types_that_match_nothing_are_refused(tmp_path, onnx_parent, tiny_dataset):
+    # a typo in --op-types used to write an unquantized copy and exit 0
+    out = tmp_path / "out"
+    _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), "--op-types", "Matmul"),
+             out, "--op-types Matmul", "nothing would be quantized", "MatMul")
+
+
 def test_static_through_the_cli_keeps_stdout_for_the_result(tmp_path, onnx_parent, tiny_dataset):
     """ONNX Runtime's calibrators print progress; it must not reach stdout."""
     out = tmp_path / "static"
