@@ -222,9 +222,9 @@ def _label_expr(column: str, dtype):
     if dtype == pl.Boolean or dtype.is_integer():
         return pl.col(column).cast(pl.Int64)
     if dtype.is_float():
-        return pl.col(column)
+        return pl.col(column).fill_nan(None)  # NaN is a missing label, as pandas writes one
     lab = pl.col(column).cast(pl.String).str.strip_chars()
-    return pl.when(lab == "").then(None).otherwise(lab)
+    return pl.when((lab == "") | (lab.str.to_lowercase() == "nan")).then(None).otherwise(lab)
 
 
 def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
@@ -290,8 +290,10 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
     return pl.concat(frames), counts, numeric
 
 
-def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str) -> Plan:
-    """Deduplicate, name labels, sample, carve the splits and shuffle, all seeded."""
+def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
+              sources: list[str] | None = None) -> Plan:
+    """Deduplicate, name labels, sample, carve the splits and shuffle, all seeded.
+    `sources` names the tables by their `_src` index, for messages about one row."""
     import polars as pl
 
     rng = np.random.default_rng(opts.seed)
@@ -328,7 +330,8 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str) 
         unseen = frame.filter(pl.Series(label < 0))
         name = unseen["_label"][0]
         sp = SPLITS[int(unseen["_split"][0])]
-        raise BadInput(f"{what}: {sp} label {name!r} ({int((unseen['_label'] == name).sum())} rows) never appears "
+        where = sources[int(unseen["_src"][0])] if sources else what
+        raise BadInput(f"{where}: {sp} label {name!r} ({int((unseen['_label'] == name).sum())} rows) never appears "
                        "in training", hint="a model cannot predict a class it never saw; fix the labels or the split")
     if len(names) < 2:
         raise BadInput(f"{what}: only one class ({names[0]!r}) after cleaning; classification needs two or more",
@@ -613,7 +616,7 @@ def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> 
                 raise BadInput(f"{extra.name}: no column {', '.join(map(repr, missing))}; its columns are: "
                                + ", ".join(map(repr, names)))
     frame, counts, numeric = scan_rows(tables, cols)
-    plan = plan_rows(frame, counts, numeric, opts, what)
+    plan = plan_rows(frame, counts, numeric, opts, what, [t.name for t in tables])
     limit = _model_limit(tok)
     encoder = TextEncoder(tok, None)
     if opts.max_length is not None:

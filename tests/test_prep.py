@@ -367,6 +367,18 @@ def test_test_label_never_seen_in_training(tmp_path, rows, minilm_dir):
     test = write_table(tmp_path / "t.csv", [("brand new text", "sarcastic"), ("another one", "negative")])
     r, out = bad(tmp_path, minilm_dir, src, "--test", test)
     one_error_line(r, out, "test label 'sarcastic'", "never appears in training")
+    assert r.stderr.startswith(f"error: {test}:"), r.stderr  # names the file that holds it, not the main one
+
+
+def test_nan_labels_are_missing_labels(tmp_path, rows, minilm_dir):
+    """A label written as NaN (pandas' missing value) is no label, in a text or a float column."""
+    src = write_table(tmp_path / "d.csv", [(t, "NaN" if i % 9 == 0 else l) for i, (t, l) in enumerate(rows)])
+    assert run_prep(src, tmp_path / "a", minilm_dir)["labels"] == LABELS
+    floats = write_table(tmp_path / "f.csv", [(t, float("nan") if i % 9 == 0 else float(LABELS.index(l)))
+                                              for i, (t, l) in enumerate(rows)])
+    assert "NaN" in floats.read_text()
+    result = run_prep(floats, tmp_path / "b", minilm_dir)
+    assert result["labels"] == ["0", "1", "2"] and result["cleaning"]["no_label"] == 7
 
 
 def test_bad_input_in_a_real_process(tmp_path, minilm_dir):
