@@ -89,6 +89,7 @@ def bench(
     max_regress: Annotated[str, typer.Option(
         "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline.")] = "5%",
     seed: options.Seed = 0,
+    trust_pickle: options.TrustPickle = False,
     as_json: options.Json = False,
 ):
     """Measure model artifacts side by side: latency, throughput, memory, size, accuracy.
@@ -134,7 +135,7 @@ def bench(
             batch_sizes=core_bench.parse_ints(batch_sizes or "1,8,32", "--batch-sizes"),
             seq_lens=core_bench.parse_seq_lens(seq_lens or ("data" if data is not None else "128")),
             device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup,
-            data=data, eval_limit=eval_limit, seed=seed)
+            data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle)
         result = core_bench.run(paths, settings)
     _finish(result, output, plot, base, allowance, baseline, as_json)
 

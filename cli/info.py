@@ -47,7 +47,8 @@ def _print(r: dict) -> None:
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     t.add_row("path", r["path"])
-    t.add_row("kind", f"{r['kind']} ({r['format']})" + ("" if r["has_manifest"] else ", plain Hugging Face folder"))
+    fmt = f"{r['pickled_weights'][0]}, pickled" if r.get("pickled_weights") else r["format"]
+    t.add_row("kind", f"{r['kind']} ({fmt})" + ("" if r["has_manifest"] else ", plain Hugging Face folder"))
     if r["task"]:
         t.add_row("task", r["task"])
     if r["labels"]:

@@ -23,6 +23,7 @@ def serve(
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
     device: options.Device = "auto",
+    trust_pickle: options.TrustPickle = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads for the runtime.")] = None,
     model_name: Annotated[Optional[str], typer.Option(
         "--model-name", help="Name the model is served under.  [default: the folder's name]")] = None,
@@ -43,7 +44,10 @@ def serve(
     from mk.core.serve import load_into, model_name as name_of, start, url_of
 
     ref = read_input(model, "model")
-    art = open_artifact(ref, kind="model")
+    from mk.core.bench import check_device
+
+    check_device(device)
+    art = open_artifact(ref, kind="model", trust_pickle=trust_pickle)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:

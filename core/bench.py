@@ -53,6 +53,7 @@ class Settings:
     data: Path | None = None
     eval_limit: int | None = None  # test rows for accuracy; 0 skips it
     seed: int = 0
+    trust_pickle: bool = False     # allow pytorch_model.bin (it can run code when loaded)
 
     def per_round(self) -> tuple[int | None, float | None]:
         """(calls, seconds) each artifact gets in each round."""
@@ -275,11 +276,19 @@ class Entry:
         return str(getattr(self.runtime, "device", "cpu")).startswith("cuda")
 
 
-def open_all(paths: list[Path]) -> list[Artifact]:
+def check_device(device: str) -> None:
+    """`--device` spelled right, before anything loads (runtimes would misreport it as a missing GPU)."""
+    from mk.core.device import _DEVICE
+
+    if not _DEVICE.match(str(device)):
+        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def open_all(paths: list[Path], trust_pickle: bool = False) -> list[Artifact]:
     """Open every artifact before loading any, so a bad one fails fast, named."""
     arts = []
     for p in paths:
-        arts.append(open_artifact(p, kind="model"))
+        arts.append(open_artifact(p, kind="model", trust_pickle=trust_pickle))
     return arts
 
 
@@ -443,7 +452,8 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
 
     if not paths:
         raise BadInput("no artifacts to measure", hint="pass artifact folders, or pipe their paths on stdin")
-    arts = open_all([Path(str(p)) for p in paths])
+    check_device(settings.device)
+    arts = open_all([Path(str(p)) for p in paths], settings.trust_pickle)
     names = unique_names(arts, given or paths)
     parents = find_parents(arts)
     entries = [Entry(i, n, a, parent=p) for i, (n, a, p) in enumerate(zip(names, arts, parents))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mk.core.artifact import MANIFEST, Artifact, file_entries, open_artifact
+from mk.core.artifact import HF_PICKLES, MANIFEST, Artifact, file_entries, open_artifact
 from mk.core.errors import BadInput
 from mk.core.safetensors_info import parameter_count
 
@@ -49,7 +49,8 @@ def check_files(art: Artifact) -> list[str]:
 
 
 def describe(path: str | Path, lineage: bool = False, verify: bool = False) -> dict:
-    art = open_artifact(path)
+    # info reads headers and manifests only, never unpickles weights: a pickled folder is described, not refused
+    art = open_artifact(path, trust_pickle=True)
     files = art.manifest.get("files") or [
         {"name": e["name"], "bytes": e["bytes"]} for e in file_entries(art.path)]
     problems = check_files(art)
@@ -72,6 +73,10 @@ def describe(path: str | Path, lineage: bool = False, verify: bool = False) -> d
         "dataset": art.manifest.get("dataset"),
         "metrics": art.metrics,
         "problems": problems,
+        # weights only as a pickle: other commands refuse them unless --trust-pickle
+        "pickled_weights": (not list(art.path.glob("*.safetensors")) and art.kind == "model"
+                            and art.format == "safetensors"
+                            and [n for n in HF_PICKLES if (art.path / n).is_file()][:1] or None),
     }
     for key in ("splits", "max_length", "truncation_rate", "cleaning", "source"):
         if key in art.manifest:

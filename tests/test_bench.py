@@ -236,10 +236,31 @@ def test_bad_options_exit_2_before_measuring(arts, tmp_path):
                        (["--batch-sizes", "0,8"], "--batch-sizes"),
                        (["--seq-lens", "abc"], "--seq-lens"),
                        (["--baseline", str(tmp_path / "none.json")], "--baseline"),
-                       (["--seq-lens", "999"], "longer than the model's 128 positions")):
+                       (["--seq-lens", "999"], "longer than the model's 128 positions"),
+                       # was reported as a missing CUDA provider
+                       (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N")):
         proc = run_mk("bench", onnx, *args, env=ENV)
         assert proc.returncode == 2, (args, proc.stderr)
         assert text in proc.stderr, (args, proc.stderr)
+
+
+def test_pickled_folder_needs_trust_pickle_which_bench_has(tiny_model, tmp_path):
+    """A pytorch_model.bin folder: bench refuses it, naming --trust-pickle, an option it has;
+    `mk info` only reads headers, so it describes the folder instead of refusing it."""
+    import torch
+    from safetensors.torch import load_file
+
+    pkl = tmp_path / "pkl"
+    shutil.copytree(tiny_model, pkl)
+    torch.save(load_file(str(pkl / "model.safetensors")), pkl / "pytorch_model.bin")
+    (pkl / "model.safetensors").unlink()
+    proc = run_mk("bench", str(pkl), *FAST, "--seq-lens", "8", env=ENV)
+    assert proc.returncode == 2 and "--trust-pickle" in proc.stderr, proc.stderr
+    proc = run_mk("bench", str(pkl), *FAST, "--seq-lens", "8", "--trust-pickle", "--json", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["artifacts"][0]["format"] == "safetensors"
+    proc = run_mk("info", str(pkl), env=ENV)
+    assert proc.returncode == 0 and "pytorch_model.bin, pickled" in proc.stdout, proc.stderr
 
 
 def test_stdin_paths_lines_and_json(monkeypatch):

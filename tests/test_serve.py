@@ -184,6 +184,14 @@ def test_serve_bad_model_exit_2(tmp_path):
     assert proc.returncode == 2 and "no such file or directory" in proc.stderr
 
 
+
+def test_serve_bad_device_exit_2_before_listening(served_model):
+    # was "this onnxruntime has no CUDA provider", after the server had started
+    proc = run_mk("serve", str(served_model), "--port", "0", "--device", "tpu", env=ENV)
+    assert proc.returncode == 2 and "--device 'tpu': expected auto, cpu, cuda or cuda:N" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr and proc.stdout == ""
+
+
 def test_sigterm_stops_the_server_cleanly(served_model):
     mk = Path(sys.executable).with_name("mk")
     proc = subprocess.Popen([str(mk), "serve", str(served_model), "--port", "0", "--threads", "1"],
