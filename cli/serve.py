@@ -52,8 +52,6 @@ def serve(
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback:
-        log.warning("listening on %s: the server is reachable from the network and has no authentication", host)
 
     stop = threading.Event()
 
@@ -62,6 +60,8 @@ def serve(
 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     server, state, thread = start(art, name_of(model_name, ref), host, port)
+    if not loopback:
+        log.warning("listening on %s: the server is reachable from the network and has no authentication", host)
     try:
         url = url_of(server)
         log.info("loading %s (%s); %s/v2/health/ready answers 503 until it is ready", art.path, art.format, url)

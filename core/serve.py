@@ -338,6 +338,11 @@ def start(art: Artifact, name: str, host: str, port: int) -> tuple[Server, Model
     try:
         server = Server((host, port), _handler(state))
     except OSError as e:
+        import errno
+
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # the host, not the port
+            raise BadInput(f"--host {host}: not an address of this machine ({e.strerror or e})",
+                           hint="use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
         raise MkError(f"cannot listen on {host}:{port} ({e.strerror or e})",
                       hint="choose another --port (0 picks a free one)") from None
     thread = threading.Thread(target=server.serve_forever, name="mk-serve", daemon=True)

@@ -185,6 +185,14 @@ def test_serve_bad_model_exit_2(tmp_path):
 
 
 
+def test_serve_host_that_is_not_ours_exit_2(served_model):
+    # was exit 1 with "choose another --port"
+    proc = run_mk("serve", str(served_model), "--port", "0", "--host", "999.1.1.1", env=ENV)
+    assert proc.returncode == 2 and "error: --host 999.1.1.1: not an address of this machine" in proc.stderr, \
+        proc.stderr
+    assert "--port" not in proc.stderr and "reachable from the network" not in proc.stderr
+
+
 def test_serve_bad_device_exit_2_before_listening(served_model):
     # was "this onnxruntime has no CUDA provider", after the server had started
     proc = run_mk("serve", str(served_model), "--port", "0", "--device", "tpu", env=ENV)
