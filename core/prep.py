@@ -262,9 +262,9 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
         except pl.exceptions.ComputeError as e:
             if "utf-8" in str(e).lower() or "utf8" in str(e).lower():
                 raise bad_utf8(table) from None
-            raise BadInput(f"{table.name}: cannot read ({str(e).splitlines()[0]})") from None
+            raise table.read_error(e) from None
         except pl.exceptions.PolarsError as e:
-            raise BadInput(f"{table.name}: cannot read ({str(e).splitlines()[0]})") from None
+            raise table.read_error(e) from None
         if "_split_name" in df.columns:
             values = df["_split_name"].unique().to_list()
             bad = [v for v in values if _split_code(v) is None]

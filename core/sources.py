@@ -18,6 +18,7 @@ import bz2
 import codecs
 import gzip
 import hashlib
+import json
 import lzma
 import shutil
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Table:
     split: str | None = None  # the split it provides when given by --val / --test
     path: Path | None = None  # the file polars reads (a decompressed copy for .gz/.bz2/.xz)
     encoding: str = "utf8"    # utf8, or utf8-lossy for the embedded tweets file
+    separator: str = ","      # of a CSV: a comma, or a semicolon when the header has only those
     frame: object = None      # an in-memory polars DataFrame (text folders)
     embedded: str | None = None  # the name of an embedded dataset (its columns are known)
     files: list[dict] = field(default_factory=list)  # what the manifest lists as sources
@@ -66,7 +68,7 @@ class Table:
             return self.frame.lazy()
         p = str(self.path)
         if self.format in ("csv", "tsv"):
-            return pl.scan_csv(p, separator="\t" if self.format == "tsv" else ",", encoding=self.encoding,
+            return pl.scan_csv(p, separator="\t" if self.format == "tsv" else self.separator, encoding=self.encoding,
                                infer_schema_length=10000, quote_char='"')
         if self.format == "jsonl":
             return pl.scan_ndjson(p, infer_schema_length=10000)
@@ -80,9 +82,25 @@ class Table:
         except pl.exceptions.ComputeError as e:
             if "utf-8" in str(e).lower() or "utf8" in str(e).lower():
                 raise bad_utf8(self) from None
-            raise BadInput(f"{self.name}: cannot read as {self.format.upper()} ({_first_line(e)})") from None
+            raise self.read_error(e) from None
         except (OSError, pl.exceptions.PolarsError) as e:
-            raise BadInput(f"{self.name}: cannot read as {self.format.upper()} ({_first_line(e)})") from None
+            raise self.read_error(e) from None
+
+    def read_error(self, e: Exception) -> BadInput:
+        """The error for a file polars cannot read; for JSON lines it names the first bad line."""
+        if self.format == "jsonl" and self.path is not None:
+            with open(self.path, "rb") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        value = json.loads(line)
+                    except ValueError as bad:
+                        return BadInput(f"{self.name}: line {i} is not valid JSON ({bad})",
+                                        hint="fix or drop that line")
+                    if not isinstance(value, dict):
+                        return BadInput(f"{self.name}: line {i} is not a JSON object")
+        return BadInput(f"{self.name}: cannot read as {self.format.upper()} ({_first_line(e)})")
 
 
 @dataclass
@@ -142,7 +160,17 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None, text_on
         if head.startswith(b"["):
             raise BadInput(f"{ref_s}: a JSON array; mk prep reads JSON lines (one object per line)",
                            hint="convert it, e.g. `jq -c '.[]' in.json > out.jsonl`")
-    return Table(name=ref_s, format=fmt, split=split, path=read_path, files=[_file_entry(p, ref_s)])
+    separator = _sniff_separator(read_path) if fmt == "csv" else ","
+    return Table(name=ref_s, format=fmt, split=split, path=read_path, separator=separator,
+                 files=[_file_entry(p, ref_s)])
+
+
+def _sniff_separator(path: Path) -> str:
+    """`;` for a CSV whose header line holds semicolons and no commas (as spreadsheets
+    in many locales write them), else `,`."""
+    with open(path, "rb") as f:
+        header = f.readline(1 << 16)
+    return ";" if b";" in header and b"," not in header else ","
 
 
 def _file_entry(path: Path, name: str) -> dict:
@@ -261,7 +289,7 @@ def _bad_row(table: Table) -> int | None:
                     return i
         return None
     try:
-        lf = pl.scan_csv(str(table.path), separator="\t" if table.format == "tsv" else ",",
+        lf = pl.scan_csv(str(table.path), separator="\t" if table.format == "tsv" else table.separator,
                          encoding="utf8-lossy", infer_schema=False).with_row_index("_row", offset=1)
         cols = [c for c in lf.collect_schema().names() if c != "_row"]
         hit = (lf.filter(pl.any_horizontal(pl.col(c).str.contains("\ufffd", literal=True) for c in cols))

@@ -116,6 +116,16 @@ def test_compressed_csv(tmp_path, rows, minilm_dir):
     assert sum(r["splits"].values()) == 60
 
 
+def test_semicolon_csv_with_bom_crlf_and_multiline_fields(tmp_path, rows, minilm_dir):
+    """A spreadsheet export: `;`-separated, a UTF-8 BOM, CRLF, quoted fields across lines."""
+    src = tmp_path / "d.csv"
+    body = "".join(f'"{t.replace(chr(34), chr(39))}\r\nsecond; line";{l}\r\n' for t, l in rows)
+    src.write_bytes(("\ufefftext;label\r\n" + body).encode("utf-8"))
+    result = run_prep(src, tmp_path / "out", minilm_dir)
+    assert result["labels"] == LABELS and result["columns"]["text"] == "text"
+    assert result["cleaning"]["rows_kept"] == len(rows)
+
+
 def test_text_folder(tmp_path, rows, minilm_dir):
     root = tmp_path / "docs"
     for i, (text, label) in enumerate(rows):
@@ -353,6 +363,15 @@ def test_class_too_small(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", [(t, l) for t, l in rows if l != "positive"] + rows[2:6:3])
     r, out = bad(tmp_path, minilm_dir, src)
     one_error_line(r, out, "class 'positive' has 2 example(s)", "too few")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, rows, minilm_dir):
+    lines = [json.dumps({"text": t, "label": l}) for t, l in rows]
+    lines.insert(11, '{"text": "broken, "label":')
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    r, out = bad(tmp_path, minilm_dir, src)
+    one_error_line(r, out, "d.jsonl: line 12 is not valid JSON")
 
 
 def test_not_utf8_names_the_row(tmp_path, minilm_dir):
