@@ -355,9 +355,12 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
             members = members[rng.permutation(len(members))]
             sizes = allocate(len(members), fractions)
             if min(sizes) == 0:
-                raise BadInput(f"{what}: class {name!r} has {len(members)} example(s) after cleaning, too few to "
+                sampled = counts.get("sampled_out")
+                raise BadInput(f"{what}: class {name!r} has {len(members)} example(s) after "
+                               f"{f'--sample {opts.sample}' if sampled else 'cleaning'}, too few to "
                                f"put one in each of {', '.join(SPLITS[t] for t in targets)}",
-                               hint="add examples of it, drop or merge the class, or give the splits explicitly")
+                               hint="raise --sample" if sampled else
+                               "add examples of it, drop or merge the class, or give the splits explicitly")
             for t, part in zip(targets, np.split(members, np.cumsum(sizes)[:-1])):
                 split[part] = t
     split[split < 0] = 0

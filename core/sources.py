@@ -55,7 +55,7 @@ class Table:
     split: str | None = None  # the split it provides when given by --val / --test
     path: Path | None = None  # the file polars reads (a decompressed copy for .gz/.bz2/.xz)
     encoding: str = "utf8"    # utf8, or utf8-lossy for the embedded tweets file
-    separator: str = ","      # of a CSV: a comma, or a semicolon when the header has only those
+    separator: str = ","      # of a CSV: a comma, or `;` or a tab when the header has only those
     frame: object = None      # an in-memory polars DataFrame (text folders)
     embedded: str | None = None  # the name of an embedded dataset (its columns are known)
     files: list[dict] = field(default_factory=list)  # what the manifest lists as sources
@@ -166,11 +166,13 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None, text_on
 
 
 def _sniff_separator(path: Path) -> str:
-    """`;` for a CSV whose header line holds semicolons and no commas (as spreadsheets
-    in many locales write them), else `,`."""
+    """`;` (as spreadsheets in many locales write them) or a tab for a .csv file whose
+    header line holds those and no commas, else `,`."""
     with open(path, "rb") as f:
         header = f.readline(1 << 16)
-    return ";" if b";" in header and b"," not in header else ","
+    if b"," in header:
+        return ","
+    return "\t" if b"\t" in header else ";" if b";" in header else ","
 
 
 def _file_entry(path: Path, name: str) -> dict:

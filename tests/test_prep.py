@@ -124,6 +124,8 @@ def test_semicolon_csv_with_bom_crlf_and_multiline_fields(tmp_path, rows, minilm
     result = run_prep(src, tmp_path / "out", minilm_dir)
     assert result["labels"] == LABELS and result["columns"]["text"] == "text"
     assert result["cleaning"]["rows_kept"] == len(rows)
+    tabs = write_table(tmp_path / "tabs.tsv", rows).rename(tmp_path / "tabs.csv")  # a TSV named .csv
+    assert run_prep(tabs, tmp_path / "out2", minilm_dir)["labels"] == LABELS
 
 
 def test_text_folder(tmp_path, rows, minilm_dir):
@@ -372,6 +374,12 @@ def test_malformed_jsonl_names_the_line(tmp_path, rows, minilm_dir):
     src.write_text("\n".join(lines) + "\n")
     r, out = bad(tmp_path, minilm_dir, src)
     one_error_line(r, out, "d.jsonl: line 12 is not valid JSON")
+
+
+def test_sample_too_small_says_so(tmp_path, rows, minilm_dir):
+    src = write_table(tmp_path / "d.csv", rows)
+    r, out = bad(tmp_path, minilm_dir, src, "--sample", "4")
+    one_error_line(r, out, "after --sample 4, too few")
 
 
 def test_not_utf8_names_the_row(tmp_path, minilm_dir):
