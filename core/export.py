@@ -422,6 +422,11 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
                        "(Hugging Face) model", hint="`mk quant` takes ONNX models directly")
     if opset < MIN_OPSET:
         raise BadInput(f"--opset {opset}: mk exports opset {MIN_OPSET} or newer")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise BadInput(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to "
+                       f"{onnx.defs.onnx_opset_version()}", hint=f"the default, {MIN_OPSET}, runs everywhere")
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise BadInput(f"--exporter {exporter!r}: expected auto, torchscript or dynamo")
     if atol is None:
@@ -506,8 +511,40 @@ def _dataset_or_none(art: Artifact, data) -> Artifact | None:
         raise
 
 
+class _StdoutToStderr:
+    """The exporters print on stdout, from C++ too ("Torch IR graph at exception: …"), and
+    stdout carries only mk's result: point file descriptor 1 at stderr meanwhile."""
+
+    def __enter__(self):
+        import contextlib
+        import os
+        import sys
+
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        self._py = contextlib.redirect_stdout(sys.stderr)
+        self._py.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import sys
+
+        self._py.__exit__(*exc)
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        return False
+
+
 def _export(torch_model, inputs: dict, path: Path, opset: int, exporter: str, source: Path) -> str:
     """Export with the chosen exporter; `auto` is TorchScript with a dynamo fallback."""
+    with _StdoutToStderr():
+        return _export_quietly(torch_model, inputs, path, opset, exporter, source)
+
+
+def _export_quietly(torch_model, inputs: dict, path: Path, opset: int, exporter: str, source: Path) -> str:
     wrapper = _LogitsOnly(torch_model, set(inputs))
     order = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}[exporter]
     errors = []

@@ -79,6 +79,17 @@ def test_impossible_atol_exits_3_and_keeps_the_artifact(tmp_path, tiny_model, ti
     assert manifest["onnx"]["verification"]["max_abs_diff"] > 0 and (out / "model.onnx").is_file()
 
 
+def test_opset_past_what_onnx_knows_exit_2_and_exporter_dumps_stay_off_stdout(tmp_path, tiny_model, tiny_dataset):
+    r = run_mk("export-onnx", str(tiny_model), "-o", str(tmp_path / "o99"), "--opset", "99")
+    assert r.returncode == 2 and "error: --opset 99: the installed onnx" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o99").exists()
+    # TorchScript stops at opset 23 and dumps its graph from C++ on the way out: it was on stdout
+    r = run_mk("export-onnx", str(tiny_model), "-o", str(tmp_path / "o24"), "--data", str(tiny_dataset),
+               "--opset", "24", "--exporter", "torchscript")
+    assert r.returncode == 1 and "ONNX export failed" in r.stderr, r.stderr
+    assert r.stdout == "" and not (tmp_path / "o24").exists()
+
+
 def test_optimize_fuses_bert_attention_layernorm_gelu(tmp_path, tiny_model, tiny_dataset):
     import onnx
 
