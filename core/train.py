@@ -86,6 +86,12 @@ class TuneOptions:
 
     def validate(self) -> None:
         problems = []
+        numbers = {"--epochs": self.epochs, "--lr": self.learning_rate(), "--weight-decay": self.weight_decay,
+                   "--warmup": self.warmup, "--max-grad-norm": self.max_grad_norm,
+                   "--temperature": self.temperature, "--alpha": self.alpha}
+        problems += [f"{opt} must be a finite number, got {v}" for opt, v in numbers.items() if not math.isfinite(v)]
+        if problems:
+            raise BadInput("; ".join(problems))
         if self.epochs <= 0 and not self.max_steps:
             problems.append("--epochs must be > 0 (or give --max-steps)")
         if self.max_steps is not None and self.max_steps < 1:
