@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mk.core.artifact import sha256_file
+from mk.core.console import log
 from mk.core.embedded import EMBEDDED_DATA, data_path
 from mk.core.errors import BadInput
 
@@ -200,9 +201,12 @@ def open_folder(root: Path, split: str | None = None):
         if not classes:
             raise BadInput(f"{base}: no class sub-folders")
         for cls in classes:
+            before = len(entries)
             for f in sorted(cls.rglob("*")):
                 if f.is_file() and _visible(f):
                     entries.append((f, cls.name, sp))
+            if len(entries) == before:
+                log.warning("%s: empty class folder, skipped (its class is not in the dataset)", cls)
     texts = [e for e in entries if e[0].suffix.lower() == ".txt"]
     images = [e for e in entries if e[0].suffix.lower() in IMAGE_SUFFIXES]
     if texts and images:

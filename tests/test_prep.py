@@ -139,6 +139,21 @@ def test_text_folder(tmp_path, rows, minilm_dir):
     assert manifest(tmp_path / "out")["sources"][0]["files"] == 60
 
 
+def test_text_folder_skips_hidden_files_and_says_an_empty_class_is_skipped(tmp_path, rows, minilm_dir):
+    root = tmp_path / "docs"
+    for i, (text, label) in enumerate(rows):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{i}.txt").write_text(text)
+    (root / "sarcastic").mkdir()
+    (root / "sarcastic" / ".DS_Store").write_bytes(b"\x00\xffBud1")
+    (root / ".DS_Store").write_bytes(b"\x00\xffBud1")
+    (root / "positive" / ".DS_Store").write_bytes(b"\x00\xffBud1")
+    r = runner.invoke(app, ["prep", str(root), "--tokenizer", str(minilm_dir), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.stderr
+    assert manifest(tmp_path / "out")["labels"] == LABELS
+    assert "sarcastic: empty class folder, skipped" in " ".join(r.stderr.split())
+
+
 def test_text_folder_with_split_folders(tmp_path, rows, minilm_dir):
     root = tmp_path / "docs"
     for i, (text, label) in enumerate(rows):
