@@ -292,6 +292,14 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
     log.info("waiting for %s to be ready (at most %g s)", target, wait)
     wait_ready(target, wait)
     name, meta = discover_model(target, model, timeout)
+    # limits the server states in its metadata (mk serve does): every request past them would be a 400
+    params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
+    max_seq, max_batch = params.get("max_sequence_length"), params.get("max_batch_size")
+    if data is None and isinstance(max_seq, int) and seq > max_seq:
+        raise BadInput(f"--seq-lens {seq}: longer than the served model's {max_seq} positions",
+                       hint=f"use --seq-lens {max_seq} or less")
+    if isinstance(max_batch, int) and max(batch_sizes) > max_batch:
+        raise BadInput(f"--batch-sizes {max(batch_sizes)}: over the server's limit of {max_batch} per request")
     split, dataset_path, score = None, None, True
     if data is not None:
         from mk.core.dataset import load_split, open_dataset

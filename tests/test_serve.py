@@ -168,6 +168,15 @@ def test_http_bench_against_the_server(server, tiny_dataset, tmp_path):
     assert (tmp_path / "http.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_http_bench_past_the_servers_stated_limits_exit_2(server):
+    # every request would be a 400: was "no request succeeded", exit 1, after the load test
+    for args, text in ((["--seq-lens", "100000"], "--seq-lens 100000: longer than the served model's 128 positions"),
+                       (["--batch-sizes", "1,5000"], "--batch-sizes 5000: over the server's limit of 1024")):
+        proc = run_mk("bench", "--url", server["url"], "--concurrency", "1", "--iters", "2", *args, env=ENV)
+        assert proc.returncode == 2 and f"error: {text}" in proc.stderr, proc.stderr
+        assert "concurrency 1" not in proc.stderr and proc.stdout == ""
+
+
 def test_url_that_does_not_answer_exits_1_quickly():
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
