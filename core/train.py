@@ -108,6 +108,8 @@ class TuneOptions:
             problems.append("--lr must be > 0")
         if self.warmup < 0:
             problems.append("--warmup must be ≥ 0")
+        if self.lora_alpha is not None and not self.lora:
+            problems.append("--lora-alpha only applies with --lora R")
         if self.save_every < 1:
             problems.append("--save-every must be ≥ 1")
         if self.patience is not None and self.patience < 1:
