@@ -474,6 +474,13 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     if DATA in settings.seq_lens and dataset is None:
         raise BadInput("--seq-lens data: no dataset to take real inputs from",
                        hint="pass --data DATASET (made by `mk prep`)")
+    if dataset is not None and (DATA in settings.seq_lens or settings.eval_limit != 0):
+        # rows tokenized by another tokenizer give meaningless inputs and accuracies, silently
+        from mk.core.tokenizer_match import check_same_tokenizer
+
+        for a in arts:
+            if a.task == "text-classification":
+                check_same_tokenizer(dataset, a.path)
 
     # Synthetic inputs must be valid for every model in the run.
     vocabs = [v for a in arts if (v := vocab_size(a))]

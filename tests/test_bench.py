@@ -263,6 +263,22 @@ def test_pickled_folder_needs_trust_pickle_which_bench_has(tiny_model, tmp_path)
     assert proc.returncode == 0 and "pytorch_model.bin, pickled" in proc.stdout, proc.stderr
 
 
+def test_data_from_another_tokenizer_is_refused(arts, tiny_dataset, tmp_path):
+    # accuracy was measured (meaningless) on rows of another vocabulary
+    from transformers import BertTokenizerFast
+
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_dataset, other)
+    for f in other.glob("tokenizer*"):
+        f.unlink()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["<pad>", "<unk>", "<s>", "</s>", "<mask>", "a", "b"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), pad_token="<pad>", unk_token="<unk>", cls_token="<s>",
+                      sep_token="</s>", mask_token="<mask>").save_pretrained(str(other))
+    proc = run_mk("bench", str(arts["onnx"]), "--data", str(other), *FAST, env=ENV)
+    assert proc.returncode == 2 and "another tokenizer" in proc.stderr and proc.stdout == "", proc.stderr
+
+
 def test_stdin_paths_lines_and_json(monkeypatch):
     from mk.cli.bench import read_inputs
 
