@@ -573,6 +573,7 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     opts = opts or PrepOptions()
     t0 = time.perf_counter()
     out = Path(out)
+    refuse_overwriting_inputs(out, [source, opts.val, opts.test, opts.tokenizer])
     with tempfile.TemporaryDirectory(prefix="mk-prep-") as scratch, atomic_output(out, opts.force) as tmp:
         scratch = Path(scratch)
         main = open_source(source, scratch)
@@ -593,6 +594,14 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["path"] = str(out)
     return result
+
+
+def refuse_overwriting_inputs(out: Path, inputs) -> None:
+    """Exit 2 when -o (with --force) would replace an input or a folder holding one."""
+    target = Path(out).resolve()
+    for ref in inputs:
+        if ref is not None and Path(ref).exists() and Path(ref).resolve().is_relative_to(target):
+            raise BadInput(f"-o {out}: would overwrite the input {ref}", hint="choose another -o")
 
 
 def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> dict:

@@ -439,6 +439,9 @@ class Trainer:
         if opts.teacher:
             self.teacher_art = open_artifact(opts.teacher, kind="model")
             check_teacher(self.teacher_art, self.dataset, self.labels)
+        from mk.core.prep import refuse_overwriting_inputs
+        refuse_overwriting_inputs(self.out, [self.dataset.path, self.base.path,
+                                             self.teacher_art.path if self.teacher_art else None])
         if opts.resume:
             self.checkpoint = load_checkpoint(self.ckpt)
             self._check_resume(self.checkpoint)
@@ -506,8 +509,16 @@ class Trainer:
 
     def _load_models(self, torch):
         import transformers
+        from safetensors import SafetensorError
 
-        from mk.core.runtime.torch_runtime import load_classifier
+        from mk.core.runtime import torch_runtime
+
+        def load_classifier(path, task, **overrides):  # corrupt weights are bad input, not a crash
+            try:
+                return torch_runtime.load_classifier(path, task, **overrides)
+            except SafetensorError as e:
+                raise BadInput(f"{path}: cannot load the model (corrupt model.safetensors: "
+                               f"{str(e).splitlines()[0]})") from None
 
         transformers.utils.logging.disable_progress_bar()  # mk shows its own progress
 

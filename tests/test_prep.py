@@ -391,6 +391,13 @@ def test_malformed_jsonl_names_the_line(tmp_path, rows, minilm_dir):
     one_error_line(r, out, "d.jsonl: line 12 is not valid JSON")
 
 
+def test_output_holding_the_source_is_refused_even_with_force(tmp_path, rows, minilm_dir):
+    src = write_table(tmp_path / "d.csv", rows)
+    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(tmp_path), "--force"])
+    assert r.exit_code == 2 and "would overwrite the input" in r.stderr, r.stderr
+    assert src.is_file()
+
+
 def test_sample_too_small_says_so(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
     r, out = bad(tmp_path, minilm_dir, src, "--sample", "4")

@@ -218,6 +218,26 @@ def test_non_finite_or_inapplicable_options_are_bad_usage(tiny_dataset, tiny_mod
     assert not (tmp_path / "t").exists()
 
 
+def test_output_that_is_an_input_is_refused_even_with_force(tiny_dataset, tiny_model, tmp_path):
+    from mk.core.errors import BadInput
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    before = (data / "mk.json").read_bytes()
+    with pytest.raises(BadInput, match="would overwrite the input"):
+        _tune(data, tiny_model, data, max_steps=1, force=True)
+    assert (data / "mk.json").read_bytes() == before and (data / "train.safetensors").is_file()
+
+
+def test_corrupt_model_weights_are_bad_input(tiny_dataset, tiny_model, tmp_path):
+    from mk.core.errors import BadInput
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(BadInput, match="broken: cannot load the model"):
+        _tune(tiny_dataset, broken, tmp_path / "t", max_steps=1)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.ckpt").exists()
+
+
 # --- LoRA and distillation -----------------------------------------------------------------------
 
 
