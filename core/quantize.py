@@ -206,6 +206,22 @@ def _single_file(path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
+def _other_settings(settings: QuantSettings) -> str:
+    """What to try after a failed gate: only settings that differ from the ones just used."""
+    tries = []
+    if settings.method == "dynamic":
+        tries.append("--method static with --calib-method entropy")
+    elif settings.method == "static" and settings.calib_method != "entropy":
+        tries.append("--calib-method entropy")
+    if settings.method != "fp16" and not settings.per_channel:
+        tries.append("--per-channel")
+    if settings.method != "fp16" and "Gather" in settings.op_types:
+        tries.append("--op-types MatMul (embeddings stay fp32)")
+    if settings.method != "fp16":
+        tries.append("--method fp16")
+    return ", ".join(tries) + (", or " if tries else "") + "a larger --max-drop"
+
+
 def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: bool) -> tuple[Artifact, bool]:
     """The fp32 ONNX parent: the input itself, or its export in the sibling `<out>-onnx`."""
     if art.format == "onnx":
@@ -354,8 +370,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
             raise GateFailed(f"{out}: accuracy dropped {metrics['accuracy_drop_points']:.2f} points "
                              f"({100 * metrics['parent_accuracy']:.2f}% → {100 * metrics['accuracy']:.2f}%), "
                              f"more than --max-drop {max_drop:g}", path=out, result=result,
-                             hint="the artifact was kept for inspection; try --method static with "
-                                  "--calib-method entropy, or per-channel weights")
+                             hint="the artifact was kept for inspection; try " + _other_settings(settings))
     return result
 
 

@@ -217,6 +217,18 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_da
              "already quantized", "MatMulInteger")
 
 
+def test_gate_hint_suggests_only_settings_not_already_used():
+    # after a static/entropy run the hint said "try --method static with --calib-method entropy"
+    from mk.core.quantize import QuantSettings, _other_settings
+
+    static = _other_settings(QuantSettings(method="static", calib_method="entropy"))
+    assert "entropy" not in static and "--method static" not in static and "--per-channel" not in static
+    assert "--op-types MatMul" in static and static.endswith("or a larger --max-drop")
+    assert "--method static with --calib-method entropy" in _other_settings(QuantSettings(method="dynamic"))
+    assert "--per-channel" in _other_settings(QuantSettings(method="dynamic", per_channel=False))
+    assert _other_settings(QuantSettings(method="fp16")) == "a larger --max-drop"
+
+
 def test_op_types_that_match_nothing_are_refused(tmp_path, onnx_parent, tiny_dataset):
     # a typo in --op-types used to write an unquantized copy and exit 0
     out = tmp_path / "out"
