@@ -4,6 +4,7 @@ Parquet or JSON via -o, and a plot (accuracy against throughput, latency bars)."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from mk.core.errors import BadInput
@@ -22,6 +23,12 @@ def check_paths(output: Path | None, plot: Path | None) -> None:
                            f"use {', '.join(suffixes)}")
         if not path.parent.exists() and str(path.parent) != "":
             raise BadInput(f"{option} {path}: the folder {path.parent} does not exist")
+        if path.is_dir():
+            raise BadInput(f"{option} {path}: is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise BadInput(f"{option} {path}: {path.parent} is not a folder")
+        if not os.access(path.parent, os.W_OK):
+            raise BadInput(f"{option} {path}: the folder {path.parent} is not writable")
 
 
 # ------------------------------------------------------------------ tables --
