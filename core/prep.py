@@ -267,10 +267,16 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
             raise table.read_error(e) from None
         if "_split_name" in df.columns:
             values = df["_split_name"].unique().to_list()
-            bad = [v for v in values if _split_code(v) is None]
+            bad = sorted((v for v in values if _split_code(v) is None), key=lambda v: (v is not None, v or ""))
             if bad:
-                raise BadInput(f"{table.name}: split column {cols.split!r} has values that are not a split: "
-                               f"{', '.join(map(repr, bad[:5]))}", hint="use train, val (or validation/dev), test")
+                hit = pl.col("_split_name").is_in([v for v in bad if v is not None])
+                if None in bad:
+                    hit = hit | pl.col("_split_name").is_null()
+                first = df.filter(hit)["_row"].min()
+                raise BadInput(f"{table.name}: split column {cols.split!r} has values that are not a split "
+                               f"(first at row {first}): "
+                               f"{', '.join('(empty)' if v is None or not v.strip() else repr(v) for v in bad[:5])}",
+                               hint="use train, val (or validation/dev), test")
             df = df.with_columns(pl.col("_split_name").replace_strict(
                 values, [_split_code(v) for v in values], return_dtype=pl.Int8).alias("_split")).drop("_split_name")
         elif "_split" not in df.columns:

@@ -398,6 +398,15 @@ def test_output_holding_the_source_is_refused_even_with_force(tmp_path, rows, mi
     assert src.is_file()
 
 
+def test_split_column_with_a_blank_cell_names_the_row(tmp_path, rows, minilm_dir):
+    splits = ["train"] * 40 + ["val"] * 10 + ["test"] * 10
+    splits[7] = ""
+    splits[9] = "bogus"
+    src = write_table(tmp_path / "d.csv", rows, extra={"split": splits})
+    r, out = bad(tmp_path, minilm_dir, src)
+    one_error_line(r, out, "split column 'split'", "(first at row 8): (empty), 'bogus'")
+
+
 def test_sample_too_small_says_so(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
     r, out = bad(tmp_path, minilm_dir, src, "--sample", "4")
