@@ -155,15 +155,21 @@ class ModelState:
                 raise HTTPError(400, f"unknown input {name!r}; this model takes {', '.join(TEXT_INPUTS)}")
             if dtype not in INT_TYPES:
                 raise HTTPError(400, f"input {name}: datatype {dtype!r} not accepted; send INT64 or INT32")
+            if name in batch:
+                raise HTTPError(400, f"input {name} is given twice")
             if (not isinstance(shape, list) or len(shape) != 2
-                    or not all(isinstance(d, int) and d >= 1 for d in shape)):
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
                 raise HTTPError(400, f"input {name}: shape must be [batch, sequence], got {shape!r}")
             if data is None:
                 raise HTTPError(400, f"input {name}: no `data` (binary tensors are not supported)")
             try:
+                # 1.7 would become 1 and true 1: only whole JSON numbers are token ids
+                whole = np.asarray(data).dtype.kind in "iu"
                 arr = np.asarray(data, dtype=INT_TYPES[dtype])
             except (ValueError, TypeError, OverflowError):
-                raise HTTPError(400, f"input {name}: data is not a list of {dtype} integers") from None
+                whole = False
+            if not whole:
+                raise HTTPError(400, f"input {name}: data is not a list of {dtype} integers")
             if arr.size != math.prod(shape):
                 raise HTTPError(400, f"input {name}: {arr.size} values for shape {shape}")
             batch[name] = arr.reshape(shape).astype(np.int64, copy=False)
@@ -293,7 +299,16 @@ def _handler(state: ModelState):
             try:
                 if endpoint != "infer":
                     raise HTTPError(404 if endpoint == "unknown" else 405, f"POST is not accepted at {self.path}")
-                length = int(self.headers.get("Content-Length") or 0)
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    self.close_connection = True
+                    raise HTTPError(411, "chunked request bodies are not supported; send a Content-Length")
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if length < 0:
+                    self.close_connection = True
+                    raise HTTPError(400, f"bad Content-Length {self.headers.get('Content-Length')!r}")
                 if length > MAX_BODY:
                     self.close_connection = True
                     raise HTTPError(413, f"request of {length} bytes is over the limit of {MAX_BODY}")
@@ -313,6 +328,11 @@ def _handler(state: ModelState):
             except HTTPError as e:
                 status = e.status
                 self._send(e.status, {"error": e.message})
+            except Exception as e:  # noqa: BLE001 — a request never takes the connection down unanswered
+                log.warning("request failed: %s: %s", type(e).__name__, e)
+                status = 500
+                self._send(500, {"error": f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                                 if str(e) else f"internal error: {type(e).__name__}"})
             elapsed = time.perf_counter() - t0
             state.metrics.record(endpoint, status, elapsed if status == 200 else None, samples)
 

@@ -128,12 +128,39 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server):
         ({"inputs": [tensor("input_ids", [[101, 99999999, 102]])]}, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, -5, 102]])]}, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("token_type_ids", [[0, 7]])]}, "token_type_ids"),
+        # 1.7 was read as 1 and [true, false] as [1, 0]; a second input_ids silently replaced the first; [true, 3] dropped the
+        # connection unanswered
+        ({"inputs": [tensor("input_ids", [[101, 1.7, 102]])]}, "not a list of INT64 integers"),
+        ({"inputs": [tensor("input_ids", [[True, False]])]}, "not a list of INT64 integers"),
+        ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("input_ids", [[101]])]}, "given twice"),
+        ({"inputs": [{"name": "input_ids", "shape": [True, 2], "datatype": "INT64", "data": [1, 2]}]}, "shape"),
     ]
     for body, text in cases:
         status, out = call(infer, "POST", body)
         assert status == 400 and text in out["error"], (body, out)
     assert call(f"{url}/v2/models/other/infer", "POST", {"inputs": [tensor("input_ids", [[1]])]})[0] == 404
     assert call(infer, "POST", {"inputs": [tensor("input_ids", [[101, 102]])]})[0] == 200
+
+
+def test_bad_content_length_and_chunked_bodies_are_answered(server):
+    """A Content-Length of -1 or `abc` closed the connection unanswered, with a traceback on the server."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server["url"])
+    path = f"/v2/models/{server['name']}/infer"
+    for headers, code, text in (({"Content-Length": "-1"}, 400, "Content-Length"),
+                                ({"Content-Length": "abc"}, 400, "Content-Length"),
+                                ({"Transfer-Encoding": "chunked"}, 411, "chunked")):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn.putrequest("POST", path)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == code and text in json.loads(resp.read())["error"], headers
+        conn.close()
+    assert call(f"{server['url']}{path}", "POST", {"inputs": [tensor("input_ids", [[101, 102]])]})[0] == 200
 
 
 def test_metrics_in_prometheus_format(server):
