@@ -306,6 +306,9 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
     if frame.height == 0:
         raise BadInput(f"{what}: no rows left after cleaning ({_describe(counts)})",
                        hint="check --text-col and --label-col")
+    # The splits given by --val/--test or a split column stay given, even when cleaning empties them.
+    given = {int(s) for s in np.unique(frame["_split"].to_numpy()) if s > 0}
+    given |= {SPLITS.index(s) for s, ref in (("val", opts.val), ("test", opts.test)) if ref}
     # Duplicates: the first copy wins, in the order train (and rows still to be split), val, test.
     group = np.asarray(frame["_split"].to_numpy(), np.int8)
     group = np.where(group == POOL, 0, group)
@@ -350,7 +353,6 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
         counts["sampled_out"] = int(len(label) - take.size)
         src, row, label, split = src[take], row[take], label[take], split[take]
     # Carve the splits not given from the training pool, stratified by label.
-    given = {int(s) for s in np.unique(split) if s > 0}
     targets = [0] + [s for s in (1, 2) if s not in given]
     pool = np.flatnonzero(split <= 0)
     if len(targets) > 1:
@@ -372,7 +374,10 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
     split[split < 0] = 0
     for i, s in enumerate(SPLITS):
         if not np.any(split == i):
-            raise BadInput(f"{what}: the {s} split is empty after cleaning ({_describe(counts)})")
+            ref = {"val": opts.val, "test": opts.test}.get(s)
+            raise BadInput(f"{ref or what}: the {s} split is empty after cleaning ({_describe(counts)})",
+                           hint="a row that repeats a row of an earlier split is dropped (cross split duplicates)"
+                           if counts.get("cross_split_duplicates") else None)
     pos = np.zeros(len(split), np.int64)
     for i in range(len(SPLITS)):
         members = np.flatnonzero(split == i)

@@ -407,6 +407,17 @@ def test_split_column_with_a_blank_cell_names_the_row(tmp_path, rows, minilm_dir
     one_error_line(r, out, "split column 'split'", "(first at row 8): (empty), 'bogus'")
 
 
+def test_an_empty_or_all_duplicate_val_test_file_is_not_silently_replaced(tmp_path, rows, minilm_dir):
+    """A --val/--test file whose rows are all gone is an error, not a split carved from train instead."""
+    src = write_table(tmp_path / "d.csv", rows)
+    header_only = tmp_path / "v.csv"
+    header_only.write_text("text,label\n")
+    r, out = bad(tmp_path, minilm_dir, src, "--val", header_only)
+    one_error_line(r, out, f"{header_only}: the val split is empty")
+    r, out = bad(tmp_path, minilm_dir, src, "--test", src)
+    one_error_line(r, out, f"{src}: the test split is empty", "cross split duplicates 60")
+
+
 def test_sample_too_small_says_so(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
     r, out = bad(tmp_path, minilm_dir, src, "--sample", "4")
