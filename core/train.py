@@ -204,8 +204,11 @@ def check_teacher(teacher: Artifact, dataset: Artifact, labels: list[str]) -> No
         raise BadInput(f"{teacher.path}: the teacher has no classification head",
                        hint="distil from a fine-tuned classifier (the output of `mk tune`)")
     if len(names) != len(labels) or (not _default_names(names) and list(names) != list(labels)):
+        differ = "in another order than" if sorted(map(str, names)) == sorted(labels) else "differ from"
         raise BadInput(f"{teacher.path}: the teacher predicts {len(names)} labels ({', '.join(map(str, names))}), "
-                       f"the dataset has {len(labels)} ({', '.join(labels)})")
+                       f"the dataset has {len(labels)} ({', '.join(labels)})" if len(names) != len(labels) else
+                       f"{teacher.path}: the teacher's labels ({', '.join(map(str, names))}) {differ} the "
+                       f"dataset's ({', '.join(labels)})", hint="distil from a teacher tuned on this dataset's labels")
     if dataset.task != "image-classification" and has_tokenizer(teacher.path) and has_tokenizer(dataset.path):
         check_same_tokenizer(dataset, teacher.path, "teacher")
 

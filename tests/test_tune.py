@@ -228,6 +228,13 @@ def test_output_that_is_an_input_is_refused_even_with_force(tiny_dataset, tiny_m
     assert (data / "mk.json").read_bytes() == before and (data / "train.safetensors").is_file()
 
 
+def test_teacher_with_other_label_names_says_they_differ(tiny_dataset, tiny_model, minilm_dir, tmp_path):
+    from mk.core.errors import BadInput
+    teacher = make_tiny_model(tmp_path / "teacher", minilm_dir, labels=["x", "y", "z"])
+    with pytest.raises(BadInput, match=r"teacher's labels \(x, y, z\) differ from the dataset's"):
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1, teacher=str(teacher))
+
+
 def test_corrupt_model_weights_are_bad_input(tiny_dataset, tiny_model, tmp_path):
     from mk.core.errors import BadInput
     broken = tmp_path / "broken"
