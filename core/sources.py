@@ -320,7 +320,7 @@ def detect_columns(table_name: str, columns: list[str], text: str | None = None,
                    label: str | None = None, split: str | None = None, split_default: bool = True) -> Columns:
     """The columns to use: those named, else detected from common names. A named
     column that does not exist lists the columns that do."""
-    have = {c.lower(): c for c in columns}
+    have = {c.strip().lower(): c for c in columns}
     missing = [f"{opt} {name!r}" for opt, name in (("--text-col", text), ("--text-pair-col", pair),
                                                      ("--label-col", label), ("--split-col", split))
                if name is not None and name not in columns]
@@ -335,7 +335,7 @@ def detect_columns(table_name: str, columns: list[str], text: str | None = None,
                            hint="name it with --text-col")
         detected.append(f"text={text!r}")
         if pair is None:
-            partner = PAIR_NAMES.get(text.lower())
+            partner = PAIR_NAMES.get(text.strip().lower())
             if partner and partner in have:
                 pair = have[partner]
                 detected.append(f"text pair={pair!r}")

@@ -220,6 +220,12 @@ def test_columns_detected_and_said(tmp_path, rows, minilm_dir):
     assert r.stdout.strip() == str(tmp_path / "out")
 
 
+def test_columns_detected_despite_padded_header_names(tmp_path, rows, minilm_dir):
+    src = write_table(tmp_path / "d.csv", rows, text=" Text ", label="label ")
+    r = run_prep(src, tmp_path / "out", minilm_dir)
+    assert r["columns"]["text"] == " Text " and r["columns"]["label"] == "label " and r["labels"] == LABELS
+
+
 def test_text_pairs_and_integer_labels(tmp_path, rows, minilm_dir):
     import polars as pl
 
