@@ -354,6 +354,10 @@ def model_name(given: str | None, ref) -> str:
 
 def start(art: Artifact, name: str, host: str, port: int) -> tuple[Server, ModelState, threading.Thread]:
     """Bind and answer at once (ready = 503 until the model is loaded)."""
+    if art.task not in ("text-classification", "image-classification"):
+        # loaded for classification, it would answer with the logits of a randomly initialised head
+        raise BadInput(f"{art.path}: a {art.task} model has no classification head to serve",
+                       hint="fine-tune it first with `mk tune`")
     state = ModelState(art, name)
     try:
         server = Server((host, port), _handler(state))

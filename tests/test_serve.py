@@ -229,6 +229,14 @@ def test_serve_host_that_is_not_ours_exit_2(served_model):
     assert "--port" not in proc.stderr and "reachable from the network" not in proc.stderr
 
 
+def test_a_model_without_classification_head_is_not_served(tmp_path, minilm_dir):
+    # the bare MiniLM answered with the logits of a randomly initialised 2-label head
+    proc = run_mk("serve", str(minilm_dir), "--port", "0", env=ENV)
+    assert proc.returncode == 2 and "feature-extraction model has no classification head" in proc.stderr, \
+        proc.stderr
+    assert proc.stdout == "" and "loading" not in proc.stderr
+
+
 def test_serve_bad_device_exit_2_before_listening(served_model):
     # was "this onnxruntime has no CUDA provider", after the server had started
     proc = run_mk("serve", str(served_model), "--port", "0", "--device", "tpu", env=ENV)
