@@ -157,8 +157,14 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None, text_on
             raise BadInput(f"{ref_s}: cannot decompress ({_first_line(e)})") from None
     if fmt == "jsonl":
         with open(read_path, "rb") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith(b"["):
+            head = f.read(4096)
+            if head.startswith(codecs.BOM_UTF8):  # as Windows tools write it; polars reads no BOM in JSON
+                f.seek(len(codecs.BOM_UTF8))
+                unbommed = tmpdir / f"{len(list(tmpdir.iterdir()))}{fmt_suffix}"
+                with open(unbommed, "wb") as dst:
+                    shutil.copyfileobj(f, dst, 1 << 22)
+                read_path, head = unbommed, head[len(codecs.BOM_UTF8):]
+        if head.lstrip().startswith(b"["):
             raise BadInput(f"{ref_s}: a JSON array; mk prep reads JSON lines (one object per line)",
                            hint="convert it, e.g. `jq -c '.[]' in.json > out.jsonl`")
     separator = _sniff_separator(read_path) if fmt == "csv" else ","

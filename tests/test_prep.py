@@ -388,6 +388,12 @@ def test_class_too_small(tmp_path, rows, minilm_dir):
     one_error_line(r, out, "class 'positive' has 2 example(s)", "too few")
 
 
+def test_jsonl_with_a_bom_and_crlf(tmp_path, rows, minilm_dir):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t, "label": l}) + "\r\n" for t, l in rows).encode())
+    assert run_prep(src, tmp_path / "out", minilm_dir)["labels"] == LABELS
+
+
 def test_malformed_jsonl_names_the_line(tmp_path, rows, minilm_dir):
     lines = [json.dumps({"text": t, "label": l}) for t, l in rows]
     lines.insert(11, '{"text": "broken, "label":')
