@@ -242,6 +242,10 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
         if missing:
             raise BadInput(f"{table.name}: no column {', '.join(map(repr, missing))}; its columns are: "
                            + ", ".join(map(repr, schema.names())))
+        nested = [c for c in (cols.text, cols.pair, cols.label) if c and schema[c].is_nested()]
+        if nested:
+            raise BadInput(f"{table.name}: column {nested[0]!r} holds nested values ({schema[nested[0]]}), "
+                           "not plain text or labels", hint="flatten it first, or name another column")
         ldt = schema[cols.label]
         numeric &= ldt == pl.Boolean or ldt.is_numeric()
         raw = [pl.col(c).cast(pl.String) for c in (cols.text, cols.pair) if c]

@@ -436,6 +436,15 @@ def test_sample_too_small_says_so(tmp_path, rows, minilm_dir):
     one_error_line(r, out, "after --sample 4, too few")
 
 
+def test_nested_label_column_is_bad_input_not_stringified(tmp_path, rows, minilm_dir):
+    import polars as pl
+    src = tmp_path / "d.parquet"
+    pl.DataFrame({"text": [t for t, _ in rows], "label": [{"name": l} for _, l in rows],
+                  "meta": [[1, 2]] * len(rows)}).write_parquet(src)  # a nested column not used is fine
+    r, out = bad(tmp_path, minilm_dir, src)
+    one_error_line(r, out, "d.parquet: column 'label' holds nested values")
+
+
 def test_not_utf8_names_the_row(tmp_path, minilm_dir):
     src = tmp_path / "d.csv"
     src.write_bytes(b"text,label\nfine,a\nalso fine,b\nbad \xd1 byte,a\n")
