@@ -588,6 +588,8 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     opts = opts or PrepOptions()
     t0 = time.perf_counter()
     out = Path(out)
+    if not 0 <= opts.seed < 2 ** 32:
+        raise BadInput(f"--seed {opts.seed}: must be between 0 and {2 ** 32 - 1}")
     refuse_overwriting_inputs(out, [source, opts.val, opts.test, opts.tokenizer])
     with tempfile.TemporaryDirectory(prefix="mk-prep-") as scratch, atomic_output(out, opts.force) as tmp:
         scratch = Path(scratch)

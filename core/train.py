@@ -108,6 +108,8 @@ class TuneOptions:
             problems.append("--lr must be > 0")
         if self.warmup < 0:
             problems.append("--warmup must be ≥ 0")
+        if not 0 <= self.seed < 2 ** 32:
+            problems.append(f"--seed {self.seed}: must be between 0 and {2 ** 32 - 1}")
         if self.lora_alpha is not None and not self.lora:
             problems.append("--lora-alpha only applies with --lora R")
         if self.save_every < 1:

@@ -430,6 +430,12 @@ def test_an_empty_or_all_duplicate_val_test_file_is_not_silently_replaced(tmp_pa
     one_error_line(r, out, f"{src}: the test split is empty", "cross split duplicates 60")
 
 
+def test_negative_seed_is_bad_usage(tmp_path, rows, minilm_dir):
+    src = write_table(tmp_path / "d.csv", rows)
+    r, out = bad(tmp_path, minilm_dir, src, "--seed", "-1")
+    one_error_line(r, out, "--seed -1: must be between 0 and")
+
+
 def test_sample_too_small_says_so(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
     r, out = bad(tmp_path, minilm_dir, src, "--sample", "4")

@@ -205,7 +205,8 @@ def test_resume_without_a_checkpoint_is_bad_usage(tiny_dataset, tiny_model, tmp_
 
 
 @pytest.mark.parametrize("args", [["--lr", "nan"], ["--epochs", "inf"], ["--temperature", "nan"],
-                                  ["--max-steps", "2", "--max-grad-norm", "inf"], ["--lora-alpha", "8"]])
+                                  ["--max-steps", "2", "--max-grad-norm", "inf"], ["--lora-alpha", "8"],
+                                  ["--seed", "-1"]])
 def test_non_finite_or_inapplicable_options_are_bad_usage(tiny_dataset, tiny_model, tmp_path, args):
     """nan/inf pass typer's ranges; they are exit 2 naming the option, not an unexpected error
     (and --lora-alpha without --lora is not silently ignored)."""
