@@ -591,6 +591,8 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     if not 0 <= opts.seed < 2 ** 32:
         raise BadInput(f"--seed {opts.seed}: must be between 0 and {2 ** 32 - 1}")
     refuse_overwriting_inputs(out, [source, opts.val, opts.test, opts.tokenizer])
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BadInput(f"{out.parent}: the output's parent is a file, not a folder")
     with tempfile.TemporaryDirectory(prefix="mk-prep-") as scratch, atomic_output(out, opts.force) as tmp:
         scratch = Path(scratch)
         main = open_source(source, scratch)

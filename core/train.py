@@ -427,6 +427,11 @@ class Trainer:
         self.ckpt = checkpoint_dir(self.out)
         self._resumed_at = None
         check_output(self.out, force)
+        if not self.out.parent.is_dir():  # check_output says when it is missing; here it is a file
+            raise BadInput(f"{self.out.parent}: the output's parent is a file, not a folder")
+        if self.ckpt.exists() and not self.ckpt.is_dir():
+            raise BadInput(f"{self.ckpt}: is a file, where mk tune keeps its checkpoints",
+                           hint="move it away, or choose another -o")
         self.dataset = open_dataset(data)
         self.base = open_artifact(model, kind="model")
         self.model_ref = str(model)

@@ -430,6 +430,12 @@ def test_an_empty_or_all_duplicate_val_test_file_is_not_silently_replaced(tmp_pa
     one_error_line(r, out, f"{src}: the test split is empty", "cross split duplicates 60")
 
 
+def test_output_under_a_file_is_bad_usage(tmp_path, rows, minilm_dir):
+    src = write_table(tmp_path / "d.csv", rows)
+    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(src / "out")])
+    assert r.exit_code == 2 and "parent is a file" in r.stderr and "unexpected" not in r.stderr, r.stderr
+
+
 def test_negative_seed_is_bad_usage(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
     r, out = bad(tmp_path, minilm_dir, src, "--seed", "-1")

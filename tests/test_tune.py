@@ -236,6 +236,16 @@ def test_teacher_with_other_label_names_says_they_differ(tiny_dataset, tiny_mode
         _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1, teacher=str(teacher))
 
 
+def test_output_under_a_file_or_a_file_named_like_the_checkpoint_is_bad_usage(tiny_dataset, tiny_model, tmp_path):
+    from mk.core.errors import BadInput
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BadInput, match="parent is a file"):
+        _tune(tiny_dataset, tiny_model, tmp_path / "afile" / "t", max_steps=1)
+    (tmp_path / "t.ckpt").write_text("x")
+    with pytest.raises(BadInput, match="t.ckpt: is a file"):
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1)
+
+
 def test_corrupt_model_weights_are_bad_input(tiny_dataset, tiny_model, tmp_path):
     from mk.core.errors import BadInput
     broken = tmp_path / "broken"
