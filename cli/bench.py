@@ -123,17 +123,26 @@ def bench(
         from mk.core import http_bench
         from mk.core.bench import parse_ints, parse_seq_lens
 
-        seqs = [s for s in parse_seq_lens(seq_lens or "128") if s != "data"] or [128]
+        lens = parse_seq_lens(seq_lens if seq_lens is not None else "128")
+        if "data" in lens and data is None:
+            raise BadInput("--seq-lens data: no dataset to take real inputs from",
+                           hint="pass --data DATASET (made by `mk prep`)")
+        seqs = [s for s in lens if s != "data"] or [128]
+        if len(seqs) > 1:  # only the first was measured
+            raise BadInput(f"--seq-lens {seq_lens}: over HTTP, one length per run",
+                           hint="run `mk bench --url` once per length")
         result = http_bench.run(url, parse_ints(concurrency, "--concurrency"), duration, iters,
-                                parse_ints(batch_sizes or "1", "--batch-sizes"), seqs[0], data=data,
+                                parse_ints(batch_sizes if batch_sizes is not None else "1", "--batch-sizes"),
+                                seqs[0], data=data,
                                 model=model_name, wait=wait, seed=seed)
     else:
         from mk.core import bench as core_bench
 
         paths = artifacts or read_inputs()
         settings = core_bench.Settings(
-            batch_sizes=core_bench.parse_ints(batch_sizes or "1,8,32", "--batch-sizes"),
-            seq_lens=core_bench.parse_seq_lens(seq_lens or ("data" if data is not None else "128")),
+            batch_sizes=core_bench.parse_ints(batch_sizes if batch_sizes is not None else "1,8,32", "--batch-sizes"),
+            seq_lens=core_bench.parse_seq_lens(seq_lens if seq_lens is not None
+                                               else ("data" if data is not None else "128")),
             device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup,
             data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle)
         result = core_bench.run(paths, settings)

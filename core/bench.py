@@ -67,7 +67,9 @@ def parse_ints(text: str, option: str) -> list[int]:
         values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
     except ValueError:
         raise BadInput(f"{option} {text!r}: expected a comma-separated list of whole numbers, like 1,8,32") from None
-    if not values or any(v < 1 for v in values):
+    if not values:
+        raise BadInput(f"{option} {text!r}: expected a comma-separated list of whole numbers, like 1,8,32")
+    if any(v < 1 for v in values):
         raise BadInput(f"{option} {text!r}: every value must be at least 1")
     return list(dict.fromkeys(values))
 

@@ -248,6 +248,17 @@ def test_bad_options_exit_2_before_measuring(arts, tmp_path):
         assert text in proc.stderr, (args, proc.stderr)
 
 
+def test_option_values_that_were_silently_replaced_exit_2():
+    # an empty --batch-sizes ran the defaults; over HTTP only the first --seq-lens was measured and
+    # `--seq-lens data` without --data ran synthetic 128-token rows (checked before connecting: nothing listens)
+    for args, text in ((["tq", "--batch-sizes", ""], "--batch-sizes '': expected a comma-separated list"),
+                       (["--url", "http://127.0.0.1:1", "--seq-lens", "16,128"], "over HTTP, one length per run"),
+                       (["--url", "http://127.0.0.1:1", "--seq-lens", "data"], "--seq-lens data: no dataset"),
+                       (["--url", "http://127.0.0.1:1", "--concurrency", ""], "--concurrency '': expected")):
+        proc = run_mk("bench", *args, env=ENV)
+        assert proc.returncode == 2 and "error: " in proc.stderr and text in proc.stderr, (args, proc.stderr)
+
+
 def test_pickled_folder_needs_trust_pickle_which_bench_has(tiny_model, tmp_path):
     """A pytorch_model.bin folder: bench refuses it, naming --trust-pickle, an option it has;
     `mk info` only reads headers, so it describes the folder instead of refusing it."""
