@@ -418,8 +418,11 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     out = check_output(Path(out), force)
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     if art.format != "safetensors":
-        raise BadInput(f"{art.path}: is already a {art.format} model; export-onnx takes a safetensors "
-                       "(Hugging Face) model", hint="`mk quant` takes ONNX models directly")
+        what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
+        raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "
+                       "(Hugging Face) model",
+                       hint="`mk quant` takes ONNX models directly" if art.format == "onnx" else
+                       "export the safetensors model it was built from (see `mk info --lineage`)")
     if opset < MIN_OPSET:
         raise BadInput(f"--opset {opset}: mk exports opset {MIN_OPSET} or newer")
     import onnx

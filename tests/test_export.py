@@ -134,7 +134,21 @@ def test_external_data_and_sample_sentences_without_a_dataset(tmp_path, tiny_mod
 def test_an_onnx_model_is_not_exported_again(exported, tmp_path):
     out, _ = exported
     r = run_mk("export-onnx", str(out), "-o", str(tmp_path / "again"))
-    assert r.returncode == 2 and "already a onnx model" in r.stderr and not (tmp_path / "again").exists()
+    assert r.returncode == 2 and "already an ONNX model" in r.stderr and not (tmp_path / "again").exists()
+    assert "`mk quant` takes ONNX models directly" in r.stderr
+
+
+def test_a_tensorrt_engine_is_not_pointed_to_mk_quant(tmp_path):
+    # the hint said "`mk quant` takes ONNX models directly", which refuses TensorRT engines too
+    from mk.core.artifact import write_manifest
+
+    trt = tmp_path / "trt"
+    trt.mkdir()
+    (trt / "model.plan").write_bytes(b"engine")
+    write_manifest(trt, kind="model", format="tensorrt", labels=["a", "b"], task="text-classification")
+    r = run_mk("export-onnx", str(trt), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "already a TensorRT model" in r.stderr and "mk quant" not in r.stderr, r.stderr
+    assert "mk info --lineage" in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_an_image_classifier_exports_and_quantizes(tmp_path):
