@@ -227,13 +227,24 @@ def write_manifest(root: Path, *, kind: str, format: str, labels: list[str], tas
     return manifest
 
 
-def check_output(out: Path, force: bool) -> Path:
-    """Refuse to overwrite an existing output without --force; say so before any work."""
+def check_output(out: Path, force: bool, inputs=()) -> Path:
+    """Refuse, before any work, an output that cannot or must not be written: one that
+    exists (unless --force), one whose parent is missing, not a folder or not writable,
+    and one that is an input or holds one (--force would delete it)."""
     out = Path(out)
     if out.exists() and not force:
         raise BadInput(f"{out}: already exists", hint="pass --force to overwrite it, or choose another -o")
-    if not out.parent.exists():
-        raise BadInput(f"{out.parent}: the output's parent folder does not exist")
+    parent = out.parent
+    if not parent.exists():
+        raise BadInput(f"{parent}: the output's parent folder does not exist")
+    if not parent.is_dir():
+        raise BadInput(f"{parent}: the output's parent is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{parent}: the output's parent folder is not writable")
+    target = out.resolve()
+    for ref in inputs:
+        if ref is not None and Path(ref).exists() and Path(ref).resolve().is_relative_to(target):
+            raise BadInput(f"-o {out}: would overwrite the input {ref}", hint="choose another -o")
     return out
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import atomic_output, write_manifest
+from mk.core.artifact import atomic_output, check_output, write_manifest
 from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
 from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
@@ -590,9 +590,7 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     out = Path(out)
     if not 0 <= opts.seed < 2 ** 32:
         raise BadInput(f"--seed {opts.seed}: must be between 0 and {2 ** 32 - 1}")
-    refuse_overwriting_inputs(out, [source, opts.val, opts.test, opts.tokenizer])
-    if out.parent.exists() and not out.parent.is_dir():
-        raise BadInput(f"{out.parent}: the output's parent is a file, not a folder")
+    check_output(out, opts.force, inputs=[source, opts.val, opts.test, opts.tokenizer])
     with tempfile.TemporaryDirectory(prefix="mk-prep-") as scratch, atomic_output(out, opts.force) as tmp:
         scratch = Path(scratch)
         main = open_source(source, scratch)
@@ -613,14 +611,6 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["path"] = str(out)
     return result
-
-
-def refuse_overwriting_inputs(out: Path, inputs) -> None:
-    """Exit 2 when -o (with --force) would replace an input or a folder holding one."""
-    target = Path(out).resolve()
-    for ref in inputs:
-        if ref is not None and Path(ref).exists() and Path(ref).resolve().is_relative_to(target):
-            raise BadInput(f"-o {out}: would overwrite the input {ref}", hint="choose another -o")
 
 
 def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> dict:

@@ -102,14 +102,14 @@ class TuneOptions:
             problems.append(f"--precision {self.precision!r}: expected auto, fp32, bf16 or fp16")
         if not 0 <= self.alpha <= 1:
             problems.append("--alpha must be between 0 and 1")
+        if not 0 <= self.seed < 2 ** 32:
+            problems.append(f"--seed {self.seed}: must be between 0 and {2 ** 32 - 1}")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0")
         if self.learning_rate() <= 0:
             problems.append("--lr must be > 0")
         if self.warmup < 0:
             problems.append("--warmup must be ≥ 0")
-        if not 0 <= self.seed < 2 ** 32:
-            problems.append(f"--seed {self.seed}: must be between 0 and {2 ** 32 - 1}")
         if self.lora_alpha is not None and not self.lora:
             problems.append("--lora-alpha only applies with --lora R")
         if self.save_every < 1:
@@ -427,8 +427,6 @@ class Trainer:
         self.ckpt = checkpoint_dir(self.out)
         self._resumed_at = None
         check_output(self.out, force)
-        if not self.out.parent.is_dir():  # check_output says when it is missing; here it is a file
-            raise BadInput(f"{self.out.parent}: the output's parent is a file, not a folder")
         if self.ckpt.exists() and not self.ckpt.is_dir():
             raise BadInput(f"{self.ckpt}: is a file, where mk tune keeps its checkpoints",
                            hint="move it away, or choose another -o")
@@ -449,9 +447,8 @@ class Trainer:
         if opts.teacher:
             self.teacher_art = open_artifact(opts.teacher, kind="model")
             check_teacher(self.teacher_art, self.dataset, self.labels)
-        from mk.core.prep import refuse_overwriting_inputs
-        refuse_overwriting_inputs(self.out, [self.dataset.path, self.base.path,
-                                             self.teacher_art.path if self.teacher_art else None])
+        check_output(self.out, force, inputs=[self.dataset.path, self.base.path,
+                                              self.teacher_art.path if self.teacher_art else None])
         if opts.resume:
             self.checkpoint = load_checkpoint(self.ckpt)
             self._check_resume(self.checkpoint)
@@ -519,16 +516,8 @@ class Trainer:
 
     def _load_models(self, torch):
         import transformers
-        from safetensors import SafetensorError
 
-        from mk.core.runtime import torch_runtime
-
-        def load_classifier(path, task, **overrides):  # corrupt weights are bad input, not a crash
-            try:
-                return torch_runtime.load_classifier(path, task, **overrides)
-            except SafetensorError as e:
-                raise BadInput(f"{path}: cannot load the model (corrupt model.safetensors: "
-                               f"{str(e).splitlines()[0]})") from None
+        from mk.core.runtime.torch_runtime import load_classifier
 
         transformers.utils.logging.disable_progress_bar()  # mk shows its own progress
 

@@ -122,3 +122,19 @@ def test_a_tree_of_artifacts_keeps_its_lineage_when_moved(tmp_path):
     assert tuned.parent_path() == (moved / "base").resolve()
     assert tuned.dataset_path() == (moved / "data").resolve()
     assert not any(link.get("changed") for _, link in tuned.lineage())
+
+
+def test_check_output_refuses_what_cannot_or_must_not_be_written(tmp_path):
+    from mk.core.artifact import check_output
+    from mk.core.errors import BadInput
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(BadInput, match="parent is a file"):
+        check_output(afile / "out", force=True)
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    for out in (data, tmp_path / "work"):  # the input itself, or a folder holding it: --force would delete it
+        with pytest.raises(BadInput, match="would overwrite the input"):
+            check_output(out, force=True, inputs=[data])
+    assert check_output(tmp_path / "new", force=False, inputs=[data]) == tmp_path / "new"

@@ -16,6 +16,7 @@ def load_classifier(path, task: str | None, num_labels: int | None = None, dtype
     `overrides` go to from_pretrained (id2label, ignore_mismatched_sizes, …). An
     unmerged LoRA adapter (`mk tune --no-merge`) loads onto its base model."""
     import transformers
+    from safetensors import SafetensorError
 
     transformers.logging.set_verbosity_error()
     auto = (transformers.AutoModelForImageClassification if task == "image-classification"
@@ -29,6 +30,9 @@ def load_classifier(path, task: str | None, num_labels: int | None = None, dtype
         if lora.is_adapter(path):
             return lora.load_adapter_classifier(path, auto, **kwargs)
         return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **kwargs)
+    except SafetensorError as e:  # truncated or corrupt weights are bad input, not a crash
+        raise BadInput(f"{path}: cannot load the model (corrupt model.safetensors: "
+                       f"{str(e).splitlines()[0]})") from None
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
 
