@@ -139,8 +139,9 @@ class Artifact:
         return None
 
 
-def _synthesize_hf_manifest(path: Path) -> dict:
-    """A plain Hugging Face model folder reads as a model artifact in safetensors format."""
+def _synthesize_hf_manifest(path: Path, format: str = "safetensors") -> dict:
+    """A plain Hugging Face model folder reads as a model artifact: safetensors, or
+    onnx for a folder such as Optimum exports (model.onnx beside config.json)."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -152,7 +153,7 @@ def _synthesize_hf_manifest(path: Path) -> dict:
     id2label = config.get("id2label") or {}
     labels = [id2label[k] for k in sorted(id2label, key=int)] if task != "feature-extraction" else []
     return {
-        "schema": SCHEMA, "kind": "model", "format": "safetensors", "task": task, "labels": labels,
+        "schema": SCHEMA, "kind": "model", "format": format, "task": task, "labels": labels,
         "created_by": {"command": None, "note": "plain Hugging Face folder"},
         "parent": None, "dataset": None, "metrics": {}, "files": None,
     }
@@ -177,6 +178,11 @@ def read_manifest(path: Path) -> dict:
         problems.append(f"unknown kind {kind!r}")
     elif kind and manifest.get("format") not in FORMATS[kind]:
         problems.append(f"unknown format {manifest.get('format')!r} for a {kind}")
+    # a hand-edited manifest must fail here, with its name, not deep inside a command
+    for key, types in (("labels", list), ("metrics", dict), ("parent", (dict, type(None))),
+                       ("dataset", (dict, type(None))), ("files", (list, type(None)))):
+        if key in manifest and not isinstance(manifest[key], types):
+            problems.append(f"{key!r} is a {type(manifest[key]).__name__}")
     if problems:
         raise BadInput(f"{mpath}: invalid manifest: {'; '.join(problems)}")
     return manifest
@@ -193,6 +199,8 @@ def open_artifact(path: str | Path, kind: str | None = None, trust_pickle: bool 
                        hint="pass the artifact's folder, not a file inside it")
     if (path / MANIFEST).exists():
         art = Artifact(path, read_manifest(path))
+    elif (path / "config.json").is_file() and (path / "model.onnx").is_file():
+        art = Artifact(path, _synthesize_hf_manifest(path, format="onnx"))
     elif (path / "config.json").is_file():
         if not any((path / w).is_file() for w in HF_WEIGHTS):
             if any((path / w).is_file() for w in HF_PICKLES) and not trust_pickle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -138,3 +139,27 @@ def test_check_output_refuses_what_cannot_or_must_not_be_written(tmp_path):
         with pytest.raises(BadInput, match="would overwrite the input"):
             check_output(out, force=True, inputs=[data])
     assert check_output(tmp_path / "new", force=False, inputs=[data]) == tmp_path / "new"
+
+
+def test_a_folder_with_model_onnx_and_config_reads_as_an_onnx_model(tmp_path, tiny_model):
+    from mk.core.artifact import open_artifact
+
+    folder = tmp_path / "optimum-export"
+    folder.mkdir()
+    shutil.copy2(tiny_model / "config.json", folder / "config.json")
+    (folder / "model.onnx").write_bytes(b"not checked until a runtime loads it")
+    art = open_artifact(folder, kind="model")
+    assert (art.format, art.labels) == ("onnx", ["negative", "neutral", "positive"])
+
+
+@pytest.mark.parametrize("key,value", [("labels", "a,b"), ("parent", "../x"), ("files", {})])
+def test_a_hand_edited_manifest_of_the_wrong_shape_is_named(tmp_path, tiny_model, key, value):
+    from mk.core.artifact import open_artifact, write_manifest
+    from mk.core.errors import BadInput
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_model, art)
+    manifest = write_manifest(art, kind="model", format="safetensors", labels=["a", "b"])
+    (art / "mk.json").write_text(json.dumps({**manifest, key: value}))
+    with pytest.raises(BadInput, match=f"invalid manifest: '{key}' is a"):
+        open_artifact(art)
