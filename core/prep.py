@@ -652,20 +652,21 @@ def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> 
     tok.save_pretrained(str(tmp))
     return {
         "task": "text-classification",
-        "labels": plan.names,
-        "splits": plan.counts(),
-        "label_counts": plan.label_counts(),
+        **_plan_fields(plan, opts),
         "max_length": max_length,
         "max_length_from": how,
         "truncation_rate": round(truncation.pop("all"), 6),
         "truncation_by_split": {k: round(v, 6) for k, v in truncation.items()},
         "columns": {"text": cols.text, "text_pair": cols.pair, "label": cols.label, "split": cols.split},
-        "cleaning": plan.cleaning,
-        "split_fractions": list(opts.split),
-        "seed": opts.seed,
-        "sample": opts.sample,
         "tokenizer": tokenizer_identity(tok),
     }
+
+
+def _plan_fields(plan, opts: PrepOptions) -> dict:
+    """What the manifest says of labels, splits and cleaning, for text and images alike."""
+    return {"labels": plan.names, "splits": plan.counts(), "label_counts": plan.label_counts(),
+            "cleaning": plan.cleaning, "split_fractions": list(opts.split), "seed": opts.seed,
+            "sample": opts.sample}
 
 
 def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what: str) -> dict:
@@ -676,13 +677,7 @@ def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what:
     processor.save_pretrained(str(tmp))
     return {
         "task": "image-classification",
-        "labels": plan.names,
-        "splits": plan.counts(),
-        "label_counts": plan.label_counts(),
+        **_plan_fields(plan, opts),
         "image_size": list(shape),
-        "cleaning": plan.cleaning,
-        "split_fractions": list(opts.split),
-        "seed": opts.seed,
-        "sample": opts.sample,
         "image_processor": {"class": type(processor).__name__},
     }

@@ -99,6 +99,23 @@ def tiny_dataset(tmp_path_factory, minilm_dir, tweets_rows) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", minilm_dir, tweets_rows)
 
 
+def copy_with_other_tokenizer(dataset: Path, out: Path) -> Path:
+    """A copy of a dataset artifact whose tokenizer files are another (tiny) vocabulary's:
+    the shape of data prepared for some other model."""
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    shutil.copytree(dataset, out)
+    for f in out.glob("tokenizer*"):
+        f.unlink()
+    vocab = out.parent / f"{out.name}-vocab.txt"
+    vocab.write_text("\n".join(["<pad>", "<unk>", "<s>", "</s>", "<mask>", "a", "b"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), pad_token="<pad>", unk_token="<unk>", cls_token="<s>",
+                      sep_token="</s>", mask_token="<mask>").save_pretrained(str(out))
+    return out
+
+
 def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=None, check=False):
     """Run the real `mk` console script in a subprocess (stdout and stderr apart)."""
     mk = Path(sys.executable).with_name("mk")

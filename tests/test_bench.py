@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LABELS, make_tiny_model, run_mk
+from conftest import LABELS, copy_with_other_tokenizer, make_tiny_model, run_mk
 
 ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
 FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup", "2"]
@@ -280,16 +280,7 @@ def test_pickled_folder_needs_trust_pickle_which_bench_has(tiny_model, tmp_path)
 
 def test_data_from_another_tokenizer_is_refused(arts, tiny_dataset, tmp_path):
     # accuracy was measured (meaningless) on rows of another vocabulary
-    from transformers import BertTokenizerFast
-
-    other = tmp_path / "other-data"
-    shutil.copytree(tiny_dataset, other)
-    for f in other.glob("tokenizer*"):
-        f.unlink()
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["<pad>", "<unk>", "<s>", "</s>", "<mask>", "a", "b"]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab), pad_token="<pad>", unk_token="<unk>", cls_token="<s>",
-                      sep_token="</s>", mask_token="<mask>").save_pretrained(str(other))
+    other = copy_with_other_tokenizer(tiny_dataset, tmp_path / "other-data")
     proc = run_mk("bench", str(arts["onnx"]), "--data", str(other), *FAST, env=ENV)
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr and proc.stdout == "", proc.stderr
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_mk
+from conftest import copy_with_other_tokenizer, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 
@@ -186,18 +186,7 @@ def test_onnx_without_recognisable_inputs(tmp_path, tiny_dataset):
 
 
 def test_calibration_data_from_another_tokenizer(tmp_path, onnx_parent, tiny_dataset):
-    import shutil
-
-    from transformers import BertTokenizerFast
-
-    other = tmp_path / "other-data"
-    shutil.copytree(tiny_dataset, other)
-    for f in other.glob("tokenizer*"):
-        f.unlink()
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["<pad>", "<unk>", "<s>", "</s>", "<mask>", "self", "driving", "cars"]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab), pad_token="<pad>", unk_token="<unk>", cls_token="<s>",
-                      sep_token="</s>", mask_token="<mask>").save_pretrained(str(other))
+    other = copy_with_other_tokenizer(tiny_dataset, tmp_path / "other-data")
     out = tmp_path / "out"
     _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(other), "--method", "static"), out,
              "another tokenizer", "the model's has 30522")
