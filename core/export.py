@@ -415,8 +415,8 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
 
     Raises GateFailed (the artifact kept) when the largest logit difference is above `atol`
     (default 1e-3 in fp32, 5e-2 with --fp16)."""
-    out = check_output(Path(out), force)
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
+    out = check_output(Path(out), force, inputs=[art.path, data])
     if art.format != "safetensors":
         what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
         raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "

@@ -268,10 +268,8 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
         raise BadInput(f"--calib-size {settings.calib_size}: needs at least one row")
     if max_drop < 0:
         raise BadInput(f"--max-drop {max_drop}: a drop allowance cannot be negative (points of accuracy)")
-    out = check_output(Path(out), force)
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
-    if art.path.resolve() == out.resolve():
-        raise BadInput(f"{out}: the output would overwrite the input")
+    out = check_output(Path(out), force, inputs=[art.path, data])
 
     # ---- validate everything before anything is written
     if art.format == "onnx":

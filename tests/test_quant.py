@@ -234,3 +234,13 @@ def test_static_through_the_cli_keeps_stdout_for_the_result(tmp_path, onnx_paren
     result = json.loads(r.stdout)
     assert result["path"] == str(out) and result["quantization"]["calibration"]["method"] == "entropy"
     assert result["metrics"]["parent_accuracy"] > 0 and "size_bytes" in result
+
+
+def test_output_holding_the_input_is_refused_even_with_force(tmp_path, onnx_parent, tiny_dataset):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(onnx_parent, work / "onnx")
+    r = run_mk("quant", str(work / "onnx"), "-o", str(work), "--force", "--data", str(tiny_dataset))
+    assert r.returncode == 2 and "would overwrite the input" in r.stderr, r.stderr
+    assert (work / "onnx" / "model.onnx").is_file()
