@@ -72,8 +72,10 @@ def serve(
                       markup=True, highlight=False, soft_wrap=True)
         sys.stdout.write(url + "\n")
         sys.stdout.flush()
+        # Wait in short slices: the main thread must come back to Python now and
+        # then for the SIGINT/SIGTERM handlers above to run.
         while not stop.wait(0.5):
-            pass
+            continue
         console.print("stopping: finishing requests in flight", highlight=False)
     finally:
         server.shutdown()

@@ -132,6 +132,15 @@ class Artifact:
             current = parent
         return chain
 
+    def config(self) -> dict:
+        """The model's Hugging Face config.json, or {} when it has none readable
+        (callers use it for optional facts: vocabulary size, position limit)."""
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return config if isinstance(config, dict) else {}
+
     def weights_file(self) -> Path | None:
         for name in (*HF_WEIGHTS, "model.onnx", "model.plan"):
             if (self.path / name).is_file():

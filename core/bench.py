@@ -184,32 +184,23 @@ def _vmhwm() -> int | None:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
+        return None
     return None
 
 
 # ---------------------------------------------------------------- inputs ----
 
-def _config(art: Artifact) -> dict:
-    import json
-
-    try:
-        return json.loads((art.path / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def vocab_size(art: Artifact) -> int | None:
     """The model's vocabulary size from config.json or its tokenizer files."""
     import json
 
-    if isinstance(v := _config(art).get("vocab_size"), int):
+    if isinstance(v := art.config().get("vocab_size"), int):
         return v
     try:
         vocab = json.loads((art.path / "tokenizer.json").read_text())["model"]["vocab"]
         return len(vocab)
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass  # no usable tokenizer.json: a WordPiece vocab.txt, below, may still tell
     try:
         return sum(1 for _ in (art.path / "vocab.txt").open(encoding="utf-8"))
     except OSError:
@@ -217,7 +208,7 @@ def vocab_size(art: Artifact) -> int | None:
 
 
 def max_positions(art: Artifact) -> int | None:
-    v = _config(art).get("max_position_embeddings")
+    v = art.config().get("max_position_embeddings")
     return v if isinstance(v, int) else None
 
 
@@ -232,18 +223,14 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int) -> dict[str, np
 def data_batches(split: dict[str, np.ndarray], batch: int, limit: int = 8) -> list[dict[str, np.ndarray]]:
     """Up to `limit` batches of real test rows (wrapping around a small split),
     each cut to its longest real sequence, as `mk serve` would receive them."""
-    from mk.core.dataset import TEXT_KEYS
+    from mk.core.dataset import trim_padding
 
     n = len(split["labels"])
     keys = [k for k in split if k != "labels"]
     out = []
     for b in range(min(limit, max(1, math.ceil(n / batch)))):
         idx = np.arange(b * batch, (b + 1) * batch) % n
-        inputs = {k: split[k][idx] for k in keys}
-        if "attention_mask" in inputs:
-            width = max(int(inputs["attention_mask"].sum(axis=1).max()), 1)
-            inputs = {k: (v[:, :width] if k in TEXT_KEYS else v) for k, v in inputs.items()}
-        out.append(inputs)
+        out.append(trim_padding({k: split[k][idx] for k in keys}))
     return out
 
 

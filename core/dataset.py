@@ -45,16 +45,20 @@ def num_rows(split: dict[str, np.ndarray]) -> int:
     return len(split["labels"])
 
 
-def batches(split: dict[str, np.ndarray], batch_size: int, start: int = 0):
-    """Yield (inputs, labels) batches in order; text batches are cut to their
-    longest real sequence, so padding to the dataset's max length costs nothing."""
-    n = num_rows(split)
-    for i in range(start, n, batch_size):
+def trim_padding(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A text batch cut to its longest real sequence, so padding to the dataset's
+    max length costs nothing; image batches pass through."""
+    if "attention_mask" not in inputs:
+        return inputs
+    width = max(int(inputs["attention_mask"].sum(axis=1).max()), 1)
+    return {k: (v[:, :width] if k in TEXT_KEYS else v) for k, v in inputs.items()}
+
+
+def batches(split: dict[str, np.ndarray], batch_size: int):
+    """Yield (inputs, labels) batches in order, each cut to its longest sequence."""
+    for i in range(0, num_rows(split), batch_size):
         inputs = {k: v[i:i + batch_size] for k, v in split.items() if k != "labels"}
-        if "attention_mask" in inputs:
-            width = max(int(inputs["attention_mask"].sum(axis=1).max()), 1)
-            inputs = {k: (v[:, :width] if k in TEXT_KEYS else v) for k, v in inputs.items()}
-        yield inputs, split["labels"][i:i + batch_size]
+        yield trim_padding(inputs), split["labels"][i:i + batch_size]
 
 
 def open_dataset(path: str | Path) -> Artifact:

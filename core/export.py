@@ -21,7 +21,6 @@ back to dynamo when that fails for a model; `--exporter` forces either.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -439,7 +438,7 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     if art.task not in ("text-classification", "image-classification"):
         raise BadInput(f"{art.path}: a {art.task} model has no classification head to export",
                        hint="fine-tune it first with `mk tune`")
-    config = json.loads((art.path / "config.json").read_text())
+    config = art.config()
     ds = _dataset_or_none(art, data)
     if ds is not None and art.task == "text-classification":
         check_same_tokenizer(ds, art.path)

@@ -327,7 +327,7 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
                 for body in bodies[:2]:
                     warm.request("POST", path, body)
             except (OSError, http.client.HTTPException):
-                pass
+                pass  # a server that fails here fails in the measured run too, where errors are counted
             finally:
                 warm.close()
             r = run_level(target, path, bodies, labels, c, duration if duration is not None else float("inf"),

@@ -26,7 +26,6 @@ plain export (no transformer fusions first), no reduce-range on a CPU with VNNI.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -308,7 +307,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
         for op in sorted(set(settings.op_types) - present):
             log.warning("--op-types %s: no such operator in %s/model.onnx", op, parent.path)
     del parent_model
-    config = _config(parent)
+    config = parent.config()
     calibration = None
     if method == "static":
         split = next(s for s in ("train", "val", "test") if (ds.path / f"{s}.safetensors").is_file())
@@ -376,13 +375,6 @@ def _empty_graph():
     import onnx
 
     return onnx.ModelProto()
-
-
-def _config(art: Artifact) -> dict:
-    try:
-        return json.loads((art.path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _ort_version() -> str:

@@ -112,15 +112,12 @@ class ModelState:
         self.max_batch = 1024
         self.max_seq = None
         self.vocab: dict[str, int] = {}  # input name -> number of ids its embedding table has
-        try:
-            cfg = json.loads((art.path / "config.json").read_text())
-            if isinstance(cfg.get("max_position_embeddings"), int):
-                self.max_seq = cfg["max_position_embeddings"]
-            for name, key in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
-                if isinstance(cfg.get(key), int) and cfg[key] > 0:
-                    self.vocab[name] = cfg[key]
-        except (OSError, ValueError, AttributeError):
-            pass
+        cfg = art.config()
+        if isinstance(cfg.get("max_position_embeddings"), int):
+            self.max_seq = cfg["max_position_embeddings"]
+        for name, key in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                self.vocab[name] = cfg[key]
 
     @property
     def ready(self) -> bool:

@@ -119,7 +119,7 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def open_source(ref: str | Path, tmpdir: Path, split: str | None = None, text_only: bool = False):
+def open_source(ref: str | Path, tmpdir: Path, split: str | None = None):
     """A Table or an ImageFolder for a path or an embedded name; exit 2 when it is
     missing or of an unknown format. Compressed files are decompressed into `tmpdir`."""
     ref_s = str(ref)
@@ -135,10 +135,7 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None, text_on
         hint = f"embedded datasets: {', '.join(EMBEDDED_DATA)}" if split is None else None
         raise BadInput(f"{ref_s}: no such file or directory", hint=hint)
     if p.is_dir():
-        folder = open_folder(p, split)
-        if text_only and isinstance(folder, ImageFolder):
-            raise BadInput(f"{ref_s}: holds images, but the main source holds text")
-        return folder
+        return open_folder(p, split)
     suffixes = [s.lower() for s in p.suffixes]
     opener = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
     fmt_suffix = suffixes[-2] if opener and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")

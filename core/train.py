@@ -32,14 +32,14 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mk.core.artifact import Artifact, atomic_output, check_output, open_artifact, write_manifest
 from mk.core.console import log, progress
-from mk.core.dataset import TEXT_KEYS, load_split, num_rows, open_dataset
+from mk.core.dataset import load_split, num_rows, open_dataset, trim_padding
 from mk.core.errors import INTERRUPTED, BadInput, MkError
 from mk.core.runtime.torch_runtime import accepts_token_types
 from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
@@ -79,7 +79,6 @@ class TuneOptions:
     new_head: bool = False
     resume: bool = False
     eval_batch_size: int = 64
-    extra: dict = field(default_factory=dict)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (5e-4 if self.lora else 5e-5)
@@ -148,10 +147,6 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return cls(rank=int(os.environ.get("RANK", "0")), world=world,
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def is_main_process() -> bool:
-    return Dist.from_env().main
 
 
 # ---------------------------------------------------------------------------
@@ -264,10 +259,7 @@ def make_batch(split: dict, idx: np.ndarray, device, accepts_token_types: bool =
     """Rows `idx` of a split as tensors on the device, cut to their longest sequence."""
     import torch
 
-    inputs = {k: v[idx] for k, v in split.items() if k != "labels"}
-    if "attention_mask" in inputs:
-        width = max(int(inputs["attention_mask"].sum(axis=1).max()), 1)
-        inputs = {k: (v[:, :width] if k in TEXT_KEYS else v) for k, v in inputs.items()}
+    inputs = trim_padding({k: v[idx] for k, v in split.items() if k != "labels"})
     if not accepts_token_types:
         inputs.pop("token_type_ids", None)
     feed = {k: (torch.from_numpy(np.ascontiguousarray(v)).float() if k == "pixel_values"

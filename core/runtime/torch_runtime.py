@@ -9,10 +9,9 @@ from mk.core.device import resolve_device
 from mk.core.errors import BadInput
 
 
-def load_classifier(path, task: str | None, num_labels: int | None = None, dtype=None, **overrides):
+def load_classifier(path, task: str | None, **overrides):
     """AutoModelFor{Sequence,Image}Classification from a folder, quietly and offline.
 
-    `num_labels` gives a fresh head of that size to a base encoder (`mk tune`);
     `overrides` go to from_pretrained (id2label, ignore_mismatched_sizes, …). An
     unmerged LoRA adapter (`mk tune --no-merge`) loads onto its base model."""
     import transformers
@@ -21,15 +20,11 @@ def load_classifier(path, task: str | None, num_labels: int | None = None, dtype
     transformers.logging.set_verbosity_error()
     auto = (transformers.AutoModelForImageClassification if task == "image-classification"
             else transformers.AutoModelForSequenceClassification)
-    kwargs = {"num_labels": num_labels} if num_labels else {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    kwargs.update(overrides)
     try:
         from mk.core import lora
         if lora.is_adapter(path):
-            return lora.load_adapter_classifier(path, auto, **kwargs)
-        return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **kwargs)
+            return lora.load_adapter_classifier(path, auto, **overrides)
+        return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **overrides)
     except SafetensorError as e:  # truncated or corrupt weights are bad input, not a crash
         raise BadInput(f"{path}: cannot load the model (corrupt model.safetensors: "
                        f"{str(e).splitlines()[0]})") from None
