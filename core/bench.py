@@ -353,11 +353,18 @@ def load(entry: Entry, device: str, threads: int, mem: PeakRSS) -> None:
     entry.load_rss = max(0, mem.rss() - before)
 
 
-def _sync(entry: Entry) -> None:
+def _synchronizer(entry: Entry):
+    """What waits for the device's queued work: torch.cuda.synchronize on CUDA, else
+    nothing. Resolved once, so the timed window holds only the call and the wait."""
     if entry.cuda and "torch" in sys.modules:
         import torch
 
-        torch.cuda.synchronize()
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _sync(entry: Entry) -> None:
+    _synchronizer(entry)()
 
 
 def _call(entry: Entry, batch: dict, shape: str) -> None:
@@ -399,6 +406,7 @@ def measure_shape(entries: list[Entry], batches: list[dict], shape: str, setting
     lat = {e.index: [] for e in entries}
     thr = {e.index: [] for e in entries}
     samples = {e.index: 0 for e in entries}
+    sizes = [len(next(iter(b.values()))) for b in batches]
     for _ in range(settings.rounds):
         for e in entries:
             if len(entries) > 1:
@@ -406,16 +414,17 @@ def measure_shape(entries: list[Entry], batches: list[dict], shape: str, setting
             times, n_samples, k = [], 0, 0
             before = mem.start()
             _cuda_reset(e)
+            sync, run_batch = _synchronizer(e), e.runtime
             round_end = None if seconds_per_round is None else time.perf_counter() + seconds_per_round
             while True:
                 batch = batches[k % len(batches)]
                 k += 1
-                _sync(e)
+                sync()
                 t0 = time.perf_counter()
-                e.runtime(batch)
-                _sync(e)
+                run_batch(batch)
+                sync()
                 times.append(time.perf_counter() - t0)
-                n_samples += len(next(iter(batch.values())))
+                n_samples += sizes[(k - 1) % len(batches)]
                 mem.sample()
                 if calls_per_round is not None:
                     if k >= calls_per_round:

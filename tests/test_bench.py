@@ -198,6 +198,23 @@ def test_gate_compare_in_process(offline):
     assert e.value.code == 3 and "throughput" in e.value.message
 
 
+def test_gate_fails_on_p99_alone_and_on_accuracy_alone(offline):
+    from mk.core.bench_gate import compare
+
+    r = offline["result"]
+    assert r["artifacts"][0]["accuracy"] is not None  # the fixture measures accuracy: the gate can check it
+    faster_p99 = json.loads(json.dumps(r))
+    for row in faster_p99["results"]:
+        row["latency_ms"]["p99"] /= 1.5  # the baseline's tail was a third shorter
+    verdict = compare(r, faster_p99, 0.05)
+    assert {x["measure"] for x in verdict["regressions"]} == {"p99 latency"}
+    more_accurate = json.loads(json.dumps(r))
+    for art in more_accurate["artifacts"]:
+        art["accuracy"] = min(1.0, art["accuracy"] * 1.2 + 0.01)
+    verdict = compare(r, more_accurate, 0.05)
+    assert {x["measure"] for x in verdict["regressions"]} == {"accuracy"}
+
+
 def test_gate_exits_3_on_a_regression_and_0_within_allowance(offline, tmp_path):
     r, fp32 = offline["result"], str(offline["fp32"])
     faster = _edited(r, tmp_path / "faster.json", throughput=100.0)
