@@ -44,7 +44,7 @@ def serve(
     from mk.core.serve import load_into, model_name as name_of, start, url_of
 
     ref = read_input(model, "model")
-    from mk.core.bench import check_device
+    from mk.core.device import check_device
 
     check_device(device)
     art = open_artifact(ref, kind="model", trust_pickle=trust_pickle)

@@ -28,6 +28,7 @@ import numpy as np
 from mk.core import __version__
 from mk.core.artifact import Artifact, created_by, open_artifact
 from mk.core.console import log, progress
+from mk.core.device import check_device
 from mk.core.errors import BadInput, MkError
 
 SCHEMA = "mk.bench/1"
@@ -263,14 +264,6 @@ class Entry:
     @property
     def cuda(self) -> bool:
         return str(getattr(self.runtime, "device", "cpu")).startswith("cuda")
-
-
-def check_device(device: str) -> None:
-    """`--device` spelled right, before anything loads (runtimes would misreport it as a missing GPU)."""
-    from mk.core.device import _DEVICE
-
-    if not _DEVICE.match(str(device)):
-        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def open_all(paths: list[Path], trust_pickle: bool = False) -> list[Artifact]:

@@ -9,10 +9,16 @@ from mk.core.errors import BadInput
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+def check_device(device: str) -> None:
+    """`--device` spelled right; checked before anything loads, and by every runtime,
+    so a typo is not misreported as a missing GPU."""
+    if not _DEVICE.match(str(device)):
+        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(device: str = "auto") -> str:
     """`auto` is the first CUDA GPU when torch sees one, else the CPU."""
-    if not _DEVICE.match(device):
-        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    check_device(device)
     if device == "cpu":
         return "cpu"
     import torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mk.core.artifact import Artifact
+from mk.core.device import check_device
 from mk.core.errors import BadInput
 
 _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
@@ -14,6 +15,7 @@ _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(fl
 def providers_for(device: str) -> list[str]:
     import onnxruntime as ort
 
+    check_device(device)
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
