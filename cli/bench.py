@@ -105,14 +105,14 @@ def bench(
       mk bench int8 --baseline bench.json --max-regress 5%      # exit 3 on a regression
       mk bench --url http://127.0.0.1:8000 --concurrency 1,8,32 --duration 20 --data data
     """
-    from mk.core.bench_report import check_paths
+    from mk.core.measurement.bench_report import check_paths
 
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
     check_paths(output, plot)
     allowance, base = None, None
     if baseline is not None:
-        from mk.core.bench_gate import load_baseline, parse_allowance
+        from mk.core.measurement.bench_gate import load_baseline, parse_allowance
 
         allowance = parse_allowance(max_regress)
         base = load_baseline(baseline)
@@ -120,8 +120,8 @@ def bench(
     if url is not None:
         if artifacts:
             raise BadInput("give artifacts or --url, not both")
-        from mk.core import http_bench
-        from mk.core.bench import parse_ints, parse_seq_lens
+        from mk.core.measurement import http_bench
+        from mk.core.measurement.bench import parse_ints, parse_seq_lens
 
         lens = parse_seq_lens(seq_lens if seq_lens is not None else "128")
         if "data" in lens and data is None:
@@ -136,7 +136,7 @@ def bench(
                                 seqs[0], data=data,
                                 model=model_name, wait=wait, seed=seed)
     else:
-        from mk.core import bench as core_bench
+        from mk.core.measurement import bench as core_bench
 
         paths = artifacts or read_inputs()
         settings = core_bench.Settings(
@@ -150,11 +150,11 @@ def bench(
 
 
 def _finish(result: dict, output, plot, base, allowance, baseline, as_json: bool) -> None:
-    from mk.core import bench_report
+    from mk.core.measurement import bench_report
     from mk.core.console import console, quiet
 
     if base is not None:
-        from mk.core.bench_gate import compare
+        from mk.core.measurement.bench_gate import compare
 
         result["gate"] = {"baseline": str(baseline), **compare(result, base, allowance)}
     if not quiet():
@@ -169,7 +169,7 @@ def _finish(result: dict, output, plot, base, allowance, baseline, as_json: bool
     emit(output, result, as_json=as_json)
     gate = result.get("gate")
     if gate is not None:
-        from mk.core.bench_gate import gate as run_gate
+        from mk.core.measurement.bench_gate import gate as run_gate
 
         if not quiet():
             for u in gate["unmatched"]:

@@ -43,7 +43,7 @@ def export_onnx(
     batch and sequence shapes; the largest logit difference is reported and stored
     in mk.json. Above --atol the command exits 3 and keeps the artifact.
     """
-    from mk.core.export import export_onnx as run
+    from mk.core.compression.export import export_onnx as run
 
     result = run(read_input(model, "model"), output, data=data, atol=atol, optimize=optimize, fp16=fp16,
                  opset=opset, exporter=exporter, external_data=external_data, force=force,

@@ -47,8 +47,8 @@ def prep(
     reproducible with --seed. --max-length defaults to the 95th percentile of
     the token lengths, rounded up to a multiple of 8. Prints the artifact's path.
     """
-    from mk.core.prep import PrepOptions, parse_split
-    from mk.core.prep import prep as run_prep
+    from mk.core.data.prep import PrepOptions, parse_split
+    from mk.core.data.prep import prep as run_prep
 
     opts = PrepOptions(tokenizer=tokenizer, text_col=text_col, text_pair_col=text_pair_col, label_col=label_col,
                        split_col=split_col, val=val, test=test, split=parse_split(split), seed=seed,

@@ -51,7 +51,7 @@ def quant(
     of more than --max-drop points exits 3 with the artifact kept. The defaults are
     the fastest setting measured that keeps accuracy (README, "Quantization").
     """
-    from mk.core.quantize import QuantSettings, quantize
+    from mk.core.compression.quantize import QuantSettings, quantize
 
     settings = QuantSettings(method=method, per_channel=per_channel, reduce_range=reduce_range, fuse=fuse,
                              op_types=[o.strip() for o in op_types.split(",") if o.strip()],

@@ -41,7 +41,7 @@ def serve(
     """
     from mk.core.artifact import open_artifact
     from mk.core.console import console, log
-    from mk.core.serve import load_into, model_name as name_of, start, url_of
+    from mk.core.serving.serve import load_into, model_name as name_of, start, url_of
 
     ref = read_input(model, "model")
     from mk.core.device import check_device

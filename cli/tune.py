@@ -69,7 +69,7 @@ def tune(
     (exit 130); --resume continues to the same weights. Under
     `torchrun --nproc-per-node N -m mk.cli.main tune …` it trains with DDP.
     """
-    from mk.core.train import TuneOptions, tune as run_tune
+    from mk.core.training.train import TuneOptions, tune as run_tune
 
     opts = TuneOptions(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,

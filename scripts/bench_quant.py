@@ -53,8 +53,8 @@ def parse():
 
 def build(model: Path, data: Path | None, work: Path, sweep: bool) -> list[dict]:
     """The variants as artifacts; each {name, path, what}."""
-    from mk.core.export import export_onnx
-    from mk.core.quantize import QuantSettings, quantize
+    from mk.core.compression.export import export_onnx
+    from mk.core.compression.quantize import QuantSettings, quantize
 
     def exp(name, **kw):
         out = work / name
@@ -195,7 +195,7 @@ def main() -> None:
     from mk.core.artifact import open_artifact
     from mk.core.console import configure
     from mk.core.dataset import dataset_for
-    from mk.core.evaluate import classification_metrics, predict
+    from mk.core.measurement.evaluate import classification_metrics, predict
     from mk.core.runtime import load_runtime
 
     configure(quiet=True)

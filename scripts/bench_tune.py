@@ -53,7 +53,7 @@ def step_deltas(ends: list[float], warmup: int) -> list[float]:
 
 
 def run_mk(data: Path, model: str, work: Path, args, steps: int) -> list[float]:
-    from mk.core.train import TuneOptions, tune
+    from mk.core.training.train import TuneOptions, tune
 
     out = work / f"mk-{time.monotonic_ns()}"
     opts = TuneOptions(max_steps=steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -75,7 +75,7 @@ def run_trainer(data: Path, model_dir: Path, work: Path, args, steps: int, preci
 
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.train import epoch_order
+    from mk.core.training.train import epoch_order
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -145,7 +145,7 @@ def main() -> None:
     from mk.core.console import configure
     from mk.core.device import resolve_device
     from mk.core.embedded import resolve_model
-    from mk.core.train import resolve_precision
+    from mk.core.training.train import resolve_precision
 
     configure(quiet=True)
     device = resolve_device(args.device)

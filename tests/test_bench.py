@@ -137,7 +137,7 @@ def test_table_on_stderr(offline):
 def test_csv_parquet_json_outputs(offline, tmp_path):
     import polars as pl
 
-    from mk.core.bench_report import write_output
+    from mk.core.measurement.bench_report import write_output
 
     csv = pl.read_csv(offline["root"] / "out.csv")
     assert csv.height == 12
@@ -159,7 +159,7 @@ def test_plot_is_a_png(offline):
 def test_tables_render_in_process(offline):
     from rich.console import Console
 
-    from mk.core.bench_report import print_report
+    from mk.core.measurement.bench_report import print_report
 
     console = Console(record=True, width=220, no_color=True)
     print_report(offline["result"], console)
@@ -181,7 +181,7 @@ def _edited(result: dict, path: Path, throughput: float = 1.0, p99: float = 1.0,
 
 
 def test_gate_compare_in_process(offline):
-    from mk.core.bench_gate import compare, gate, parse_allowance
+    from mk.core.measurement.bench_gate import compare, gate, parse_allowance
     from mk.core.errors import GateFailed
 
     r = offline["result"]
@@ -199,7 +199,7 @@ def test_gate_compare_in_process(offline):
 
 
 def test_gate_fails_on_p99_alone_and_on_accuracy_alone(offline):
-    from mk.core.bench_gate import compare
+    from mk.core.measurement.bench_gate import compare
 
     r = offline["result"]
     assert r["artifacts"][0]["accuracy"] is not None  # the fixture measures accuracy: the gate can check it
@@ -316,7 +316,7 @@ def test_stdin_paths_lines_and_json(monkeypatch):
 
 
 def test_parent_comparison_and_stats():
-    from mk.core.bench import parse_seq_lens, percentiles, ratio, spread
+    from mk.core.measurement.bench import parse_seq_lens, percentiles, ratio, spread
 
     assert parse_seq_lens("128,data,128") == [128, "data"]
     assert ratio([10, 12, 11], [10, 10, 10])["median"] == 1.1

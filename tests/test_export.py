@@ -14,7 +14,7 @@ from conftest import run_mk
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model, tiny_dataset):
-    from mk.core.export import export_onnx
+    from mk.core.compression.export import export_onnx
 
     out = tmp_path_factory.mktemp("export") / "onnx"
     result = export_onnx(tiny_model, out, data=tiny_dataset)
@@ -93,7 +93,7 @@ def test_opset_past_what_onnx_knows_exit_2_and_exporter_dumps_stay_off_stdout(tm
 def test_optimize_fuses_bert_attention_layernorm_gelu(tmp_path, tiny_model, tiny_dataset):
     import onnx
 
-    from mk.core.export import export_onnx
+    from mk.core.compression.export import export_onnx
 
     result = export_onnx(tiny_model, tmp_path / "opt", data=tiny_dataset, optimize=True)
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt" / "model.onnx")).graph.node)
@@ -107,7 +107,7 @@ def test_fp16_keeps_fp32_inputs_and_outputs(tmp_path, tiny_model, tiny_dataset):
     import onnx
     from onnx import TensorProto
 
-    from mk.core.export import export_onnx
+    from mk.core.compression.export import export_onnx
 
     result = export_onnx(tiny_model, tmp_path / "fp16", data=tiny_dataset, fp16=True, optimize=True)
     model = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
@@ -118,7 +118,7 @@ def test_fp16_keeps_fp32_inputs_and_outputs(tmp_path, tiny_model, tiny_dataset):
 
 
 def test_external_data_and_sample_sentences_without_a_dataset(tmp_path, tiny_model):
-    from mk.core.export import export_onnx
+    from mk.core.compression.export import export_onnx
     from mk.core.runtime import load_runtime
 
     out = tmp_path / "ext"
@@ -156,8 +156,8 @@ def test_an_image_classifier_exports_and_quantizes(tmp_path):
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
-    from mk.core.export import export_onnx
-    from mk.core.quantize import quantize
+    from mk.core.compression.export import export_onnx
+    from mk.core.compression.quantize import quantize
     from mk.core.runtime import load_runtime
 
     torch.manual_seed(0)

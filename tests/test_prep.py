@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from conftest import run_mk
 from mk.cli.main import app
 from mk.core.dataset import SplitWriter, open_dataset, load_split, save_split
-from mk.core.prep import PrepOptions, allocate, prep
+from mk.core.data.prep import PrepOptions, allocate, prep
 
 runner = CliRunner()
 LABELS = ["negative", "neutral", "positive"]

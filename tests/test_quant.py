@@ -39,7 +39,7 @@ def make_model(out: Path, tokenizer_dir: Path, init_range: float) -> Path:
 
 
 def _export(tmp_path_factory, minilm_dir, tiny_dataset, init_range: float) -> Path:
-    from mk.core.export import export_onnx
+    from mk.core.compression.export import export_onnx
 
     root = tmp_path_factory.mktemp(f"qparent{init_range}")
     model = make_model(root / "model", minilm_dir, init_range)
@@ -58,7 +58,7 @@ def near_ties_parent(tmp_path_factory, minilm_dir, tiny_dataset) -> Path:
 
 
 def _predictions(path, split):
-    from mk.core.evaluate import predict
+    from mk.core.measurement.evaluate import predict
     from mk.core.runtime import load_runtime
 
     return predict(load_runtime(path, "cpu"), split).argmax(-1)
@@ -71,7 +71,7 @@ def test_each_method_loads_and_agrees_with_its_parent(tmp_path, onnx_parent, tin
 
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.quantize import QuantSettings, quantize, quantized_nodes
+    from mk.core.compression.quantize import QuantSettings, quantize, quantized_nodes
 
     test = load_split(open_artifact(tiny_dataset), "test")
     assert len(set(_predictions(onnx_parent, test))) > 1  # agreement would mean nothing otherwise
@@ -193,7 +193,7 @@ def test_calibration_data_from_another_tokenizer(tmp_path, onnx_parent, tiny_dat
 
 
 def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_dataset):
-    from mk.core.quantize import quantize
+    from mk.core.compression.quantize import quantize
 
     int8 = tmp_path / "int8"
     quantize(onnx_parent, int8, data=tiny_dataset, gate=False)
@@ -208,7 +208,7 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_da
 
 def test_gate_hint_suggests_only_settings_not_already_used():
     # after a static/entropy run the hint said "try --method static with --calib-method entropy"
-    from mk.core.quantize import QuantSettings, _other_settings
+    from mk.core.compression.quantize import QuantSettings, _other_settings
 
     static = _other_settings(QuantSettings(method="static", calib_method="entropy"))
     assert "entropy" not in static and "--method static" not in static and "--per-channel" not in static

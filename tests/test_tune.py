@@ -68,7 +68,7 @@ def quiet_model(tmp_path_factory, minilm_dir) -> Path:
 
 
 def _tune(data, model, out, **kw):
-    from mk.core.train import TuneOptions, tune
+    from mk.core.training.train import TuneOptions, tune
     force = kw.pop("force", False)
     return tune(data, model, out, TuneOptions(**{"device": "cpu", "batch_size": 8, "seed": 3, **kw}), force=force)
 
@@ -100,7 +100,7 @@ def test_training_reduces_loss_and_the_output_loads(tiny_dataset, tiny_model, tm
     # better than chance, measured on what it was trained on (30 test tweets are too few to say)
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.evaluate import evaluate
+    from mk.core.measurement.evaluate import evaluate
     from mk.core.runtime import load_runtime
     train = load_split(open_artifact(tiny_dataset), "train")
     assert evaluate(load_runtime(out, "cpu"), train, 3)["accuracy"] > 0.6
@@ -183,7 +183,7 @@ def test_sigterm_checkpoints_exits_130_and_resume_reaches_the_same_weights(tiny_
 
 
 def test_a_failure_while_writing_the_output_keeps_the_training(tiny_dataset, tiny_model, tmp_path, monkeypatch):
-    from mk.core import train
+    from mk.core.training import train
 
     def broken(*a, **k):
         raise OSError("disk full")
@@ -283,7 +283,7 @@ def test_lora_no_merge_keeps_the_adapter(tiny_dataset, tiny_model, tmp_path):
     assert manifest["adapter"]["r"] == 4
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.evaluate import evaluate
+    from mk.core.measurement.evaluate import evaluate
     from mk.core.runtime import load_runtime
     test = load_split(open_artifact(tiny_dataset), "test")
     again = evaluate(load_runtime(out, "cpu"), test, 3)  # the torch runtime loads adapter + base
@@ -308,7 +308,7 @@ def test_distillation_from_a_teacher_of_another_size(tiny_dataset, minilm_dir, t
 
 def test_distillation_loss_matches_the_formula():
     import torch
-    from mk.core.distill import per_example_loss
+    from mk.core.training.distill import per_example_loss
     s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 3.0]])
     y = torch.tensor([0])
     T = 2.0
@@ -428,7 +428,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_
 
 def test_cuda_out_of_memory_suggests_a_batch_size(tiny_dataset, tiny_model, tmp_path, monkeypatch):
     import torch
-    from mk.core import train
+    from mk.core.training import train
     from mk.core.errors import MkError
 
     def oom(*a, **k):

@@ -21,7 +21,7 @@ def load_classifier(path, task: str | None, **overrides):
     auto = (transformers.AutoModelForImageClassification if task == "image-classification"
             else transformers.AutoModelForSequenceClassification)
     try:
-        from mk.core import lora
+        from mk.core.training import lora
         if lora.is_adapter(path):
             return lora.load_adapter_classifier(path, auto, **overrides)
         return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **overrides)

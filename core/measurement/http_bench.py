@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from mk.core.bench import SCHEMA, environment, percentiles, synthetic_batch
+from mk.core.measurement.bench import SCHEMA, environment, percentiles, synthetic_batch
 from mk.core.artifact import created_by
 from mk.core.console import log, progress
 from mk.core.errors import BadInput, MkError
@@ -174,7 +174,7 @@ def request_bodies(meta: dict, batch: int, data_split: dict | None, seq: int, se
                        hint="this server's model is not a text classifier in the form mk serves")
     optional = {i["name"] for i in meta.get("inputs", []) if i.get("optional")}
     if data_split is not None:
-        from mk.core.bench import data_batches
+        from mk.core.measurement.bench import data_batches
 
         n = len(data_split["labels"])
         batches = data_batches(data_split, batch, limit=min(limit, max(1, -(-n // batch))))

@@ -36,7 +36,7 @@ from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes,
 from mk.core.console import log
 from mk.core.errors import BadInput, GateFailed
 from mk.core.tokenizer_match import check_same_tokenizer
-from mk.core.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
+from mk.core.compression.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
                             export_onnx, load_onnx, onnx_bytes, optimize_transformer, save_onnx, to_fp16)
 
 METHODS = ("dynamic", "static", "fp16")
@@ -337,7 +337,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
             record = {"method": "fp16", **done, "onnxruntime": _ort_version(), "exported_first": exported}
         metrics = {"size_bytes": size_after, "parent_size_bytes": size_before}
         if gate:
-            from mk.core.evaluate import evaluate
+            from mk.core.measurement.evaluate import evaluate
             from mk.core.runtime import load_runtime
 
             n_labels = len(art.labels) or len(ds.labels)

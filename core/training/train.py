@@ -290,7 +290,7 @@ class _InMemoryRuntime:
 
 def evaluate_model(model, split: dict, num_labels: int, device, autocast, batch_size: int,
                    description: str) -> dict:
-    from mk.core.evaluate import evaluate
+    from mk.core.measurement.evaluate import evaluate
 
     was_training = model.training
     model.eval()
@@ -522,7 +522,7 @@ class Trainer:
         if self.head["fresh"]:
             log.info("new classification head: %d labels (%s)", len(labels), ", ".join(labels))
         if self.opts.lora:
-            from mk.core import lora
+            from mk.core.training import lora
             model = lora.wrap(model, self.opts.lora, self.opts.lora_alpha, self.opts.lora_dropout)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
@@ -690,7 +690,7 @@ class Trainer:
                                 logits = runner(**feed).logits
                                 t_logits = teacher(**feed).logits if teacher is not None else None
                             if len(mb):
-                                from mk.core.distill import per_example_loss
+                                from mk.core.training.distill import per_example_loss
                                 per = per_example_loss(logits, labels, t_logits, opts.temperature, opts.alpha)
                                 loss = per.sum() * (dist.world / n_step)
                                 loss_sum += per.detach().sum()
@@ -789,7 +789,7 @@ class Trainer:
         opts = self.opts
         save_model = model
         if opts.lora:
-            from mk.core import lora
+            from mk.core.training import lora
             save_model = lora.unwrap_for_save(model, opts.merge)
         metrics = {}
         if test is not None:

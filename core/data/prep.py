@@ -33,7 +33,7 @@ from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
 from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
 from mk.core.errors import BadInput
-from mk.core.sources import (SPLIT_NAMES, Columns, ImageFolder, Table, bad_utf8, check_utf8, detect_columns,
+from mk.core.data.sources import (SPLIT_NAMES, Columns, ImageFolder, Table, bad_utf8, check_utf8, detect_columns,
                              open_source)
 
 LENGTH_SAMPLE = 20_000   # texts tokenized to choose --max-length

@@ -1,0 +1,1 @@
+"""Compression: ONNX export (`mk export-onnx`) and quantization (`mk quant`)."""

@@ -1,0 +1,1 @@
+"""Data: reading labelled sources (CSV, JSONL, Parquet, class folders) and `mk prep`."""

@@ -1,0 +1,1 @@
+"""Measurement: evaluation on a dataset, `mk bench` offline and over HTTP, its report and gate."""

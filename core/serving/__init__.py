@@ -1,0 +1,1 @@
+"""Serving: `mk serve`, the HTTP server over one runtime."""

@@ -1,0 +1,1 @@
+"""Training: `mk tune` (full fine-tuning, LoRA, distillation) and its checkpoints."""
