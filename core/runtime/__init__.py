@@ -34,7 +34,7 @@ def load_runtime(model: Artifact | str | Path, device: str = "auto", threads: in
         raise BadInput(f"{art.path}: is a {art.kind} artifact; a runtime needs a model")
     if art.format == "safetensors":
         from mk.core.runtime.torch_runtime import TorchRuntime
-        return TorchRuntime(art, device, threads)
+        return TorchRuntime.load(art, device, threads)
     if art.format == "onnx":
         from mk.core.runtime.onnx_runtime import OnnxRuntime
         return OnnxRuntime(art, device, threads)

@@ -34,25 +34,37 @@ def load_classifier(path, task: str | None, **overrides):
 
 def accepts_token_types(model) -> bool:
     """Whether forward() takes token_type_ids (BERT does, DistilBERT does not).
-    The signature, not __code__: transformers wraps forward in decorators."""
+    The signature, not __code__: transformers wraps forward in decorators; a peft
+    wrapper is looked through to the transformers model under it."""
     import inspect
 
-    return "token_type_ids" in inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "token_type_ids" in inspect.signature(base.forward).parameters
 
 
 class TorchRuntime:
+    """A torch classifier behind the runtime interface. The constructor takes a model
+    already in memory (`mk tune` evaluates the model it trains, `mk prune` the one it
+    cuts); `TorchRuntime.load` reads an artifact."""
+
     name = "torch"
 
-    def __init__(self, art: Artifact, device: str = "auto", threads: int | None = None):
+    def __init__(self, model, device: str, threads: int | None = None, artifact: Artifact | None = None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.device = resolve_device(device)
-        self.artifact = art
-        self.model = load_classifier(art.path, art.task).to(self.device).eval()
-        self._accepts_token_types = accepts_token_types(self.model)
+        self.device = str(device)
+        self.artifact = artifact
+        self.model = model
+        self._accepts_token_types = accepts_token_types(model)
+
+    @classmethod
+    def load(cls, art: Artifact, device: str = "auto", threads: int | None = None) -> "TorchRuntime":
+        device = resolve_device(device)
+        model = load_classifier(art.path, art.task).to(device).eval()
+        return cls(model, device, threads, art)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import torch

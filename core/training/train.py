@@ -41,7 +41,7 @@ from mk.core.artifact import Artifact, atomic_output, check_output, open_artifac
 from mk.core.console import log, progress
 from mk.core.dataset import load_split, num_rows, open_dataset, trim_padding
 from mk.core.errors import INTERRUPTED, BadInput, MkError
-from mk.core.runtime.torch_runtime import accepts_token_types
+from mk.core.runtime.torch_runtime import TorchRuntime, accepts_token_types
 from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
 
 LOG_NAME = "train_log.jsonl"
@@ -275,19 +275,6 @@ def _base_model(model):
     return get() if get else model
 
 
-class _InMemoryRuntime:
-    """The model being trained behind the runtime interface that `mk bench` and
-    the quality gates use (core.runtime.torch_runtime.TorchRuntime.__call__)."""
-
-    def __new__(cls, model, device, autocast):
-        from mk.core.runtime.torch_runtime import TorchRuntime
-
-        rt = TorchRuntime.__new__(TorchRuntime)
-        rt.model, rt.device, rt.threads, rt.artifact = model, str(device), None, None
-        rt._accepts_token_types = accepts_token_types(_base_model(model))
-        return rt
-
-
 def evaluate_model(model, split: dict, num_labels: int, device, autocast, batch_size: int,
                    description: str) -> dict:
     from mk.core.measurement.evaluate import evaluate
@@ -296,7 +283,7 @@ def evaluate_model(model, split: dict, num_labels: int, device, autocast, batch_
     model.eval()
     try:
         with autocast():
-            return evaluate(_InMemoryRuntime(model, device, autocast), split, num_labels, batch_size,
+            return evaluate(TorchRuntime(model, device), split, num_labels, batch_size,
                             description)
     finally:
         model.train(was_training)
@@ -565,7 +552,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.schedule, warmup, total))
         scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         autocast = autocast_factory(self.precision, self.device)
-        accepts_tt = accepts_token_types(_base_model(model))
+        accepts_tt = accepts_token_types(model)
 
         state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "log_offset": 0,
                  "stopped_early": False}
