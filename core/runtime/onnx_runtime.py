@@ -12,7 +12,9 @@ _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(fl
                 "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str) -> list:
+    """ONNX Runtime's providers for `--device`: `cuda:N` runs on GPU N (`device_id`),
+    `auto` on GPU 0 when this onnxruntime has CUDA, else the CPU."""
     import onnxruntime as ort
 
     check_device(device)
@@ -20,11 +22,20 @@ def providers_for(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        gpu = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
     if device == "auto":
         return ["CPUExecutionProvider"]
     raise BadInput(f"--device {device}: this onnxruntime has no CUDA provider ({', '.join(available)})",
                    hint="pip install 'mk[gpu]' (onnxruntime-gpu), or use --device cpu")
+
+
+def session_device(session) -> str:
+    """Where a session runs: `cuda:N` as its CUDA provider was given, else `cpu`."""
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return "cpu"
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return f"cuda:{options.get('device_id', 0)}"
 
 
 def open_session(path, device: str = "auto", threads: int | None = None):
@@ -50,7 +61,7 @@ class OnnxRuntime:
             raise BadInput(f"{art.path}: ONNX artifact without model.onnx")
         self.artifact = art
         self.session = open_session(path, device, threads)
-        self.device = "cuda:0" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.device = session_device(self.session)
         self.threads = threads
         self.inputs = {i.name: _NUMPY_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name
