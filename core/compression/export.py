@@ -28,7 +28,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
 from mk.core.console import log
-from mk.core.errors import BadInput, GateFailed, MkError
+from mk.core.errors import BadInput, GateFailed, MkError, first_line, library_error
 from mk.core.tokenizer_match import check_same_tokenizer
 
 MIN_OPSET = 17
@@ -67,13 +67,13 @@ def load_onnx(path: Path, load_external_data: bool = True):
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as e:  # DecodeError, ValueError, OSError for missing external data …
-        raise BadInput(f"{path}: corrupt or truncated ONNX file ({_first_line(e)})") from None
+        raise BadInput(f"{path}: corrupt or truncated ONNX file ({first_line(e)})") from None
     if not model.graph.node or not model.graph.output:
         raise BadInput(f"{path}: corrupt or truncated ONNX file (no graph nodes or outputs)")
     try:
         onnx.checker.check_model(model if load_external_data else str(path), full_check=False)
     except Exception as e:
-        raise BadInput(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+        raise library_error(e, path, "invalid ONNX model") from None
     return model
 
 
@@ -144,11 +144,6 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -179,7 +174,7 @@ def verification_batches(model_art: Artifact, data: Artifact | None, task: str, 
         try:
             tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except Exception as e:
-            raise BadInput(f"{tok_dir}: no dataset to verify on and no usable tokenizer ({_first_line(e)})",
+            raise BadInput(f"{tok_dir}: no dataset to verify on and no usable tokenizer ({first_line(e)})",
                            hint="pass --data DATASET") from None
         sentences = (SAMPLE_SENTENCES * (max_rows // len(SAMPLE_SENTENCES) + 1))[:max(batch_sizes)]
         enc = tok(sentences, padding="max_length", truncation=True, return_tensors="np",
@@ -235,7 +230,7 @@ def _load_for_export(art: Artifact, trust_pickle: bool = False):
     except (ValueError, TypeError):
         model = load_classifier(art.path, art.task)
     except OSError as e:
-        raise BadInput(f"{art.path}: cannot load the model ({_first_line(e)})") from None
+        raise library_error(e, art.path, "cannot load the model") from None
     return model.float().eval()
 
 
@@ -501,16 +496,9 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
 
 
 def _dataset_or_none(art: Artifact, data) -> Artifact | None:
-    from mk.core.dataset import dataset_for
+    from mk.core.dataset import lineage_dataset, open_dataset
 
-    if data is not None:
-        return dataset_for(art, data)
-    try:
-        return dataset_for(art, None)
-    except BadInput as e:
-        if "no dataset in its lineage" in e.message:
-            return None
-        raise
+    return open_dataset(data) if data is not None else lineage_dataset(art)
 
 
 class _StdoutToStderr:
@@ -557,8 +545,8 @@ def _export_quietly(torch_model, inputs: dict, path: Path, opset: int, exporter:
         except MkError:
             raise
         except Exception as e:  # exporters raise anything from torch internals
-            errors.append(f"{name}: {_first_line(e)}")
-            log.warning("the %s exporter failed for %s (%s)%s", name, source, _first_line(e),
+            errors.append(f"{name}: {first_line(e)}")
+            log.warning("the %s exporter failed for %s (%s)%s", name, source, first_line(e),
                         "; trying the next" if name != order[-1] else "")
             for p in path.parent.iterdir():
                 p.unlink()

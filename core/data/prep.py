@@ -32,9 +32,8 @@ from mk.core.artifact import atomic_output, check_output, write_manifest
 from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
 from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
-from mk.core.errors import BadInput
-from mk.core.data.sources import (SPLIT_NAMES, Columns, ImageFolder, Table, bad_utf8, check_utf8, detect_columns,
-                             open_source)
+from mk.core.errors import BadInput, library_error
+from mk.core.data.sources import SPLIT_NAMES, Columns, ImageFolder, Table, TextEncoding, detect_columns, open_source
 
 LENGTH_SAMPLE = 20_000   # texts tokenized to choose --max-length
 LENGTH_PERCENTILE = 95
@@ -58,6 +57,8 @@ class PrepOptions:
     max_length: int | None = None
     sample: int | None = None
     skip_bad: bool = False
+    encoding: str = "utf-8"            # of text files: any codec Python knows
+    encoding_errors: str = "strict"    # or "replace": U+FFFD for bad bytes, counted
     force: bool = False
 
 
@@ -91,7 +92,7 @@ def load_tokenizer(ref: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise BadInput(f"--tokenizer {ref}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise library_error(e, f"--tokenizer {ref}", "cannot load its tokenizer") from None
     if not getattr(tok, "is_fast", False):
         raise BadInput(f"--tokenizer {ref}: {type(tok).__name__} is not a fast tokenizer",
                        hint="mk prep needs a tokenizer.json (a 🤗 fast tokenizer)")
@@ -235,7 +236,6 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
     frames, numeric = [], True
     counts = {"rows_read": 0, "whitespace_stripped": 0, "empty_text": 0, "no_label": 0}
     for i, table in enumerate(tables):
-        check_utf8(table)
         lf = table.scan()
         schema = lf.collect_schema()
         missing = [c for c in (cols.text, cols.pair, cols.label) if c and c not in schema]
@@ -263,10 +263,6 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
             exprs.append(pl.col(cols.split).cast(pl.String).alias("_split_name"))
         try:
             df = lf.with_row_index("_row", offset=1).select(exprs).collect(engine="streaming")
-        except pl.exceptions.ComputeError as e:
-            if "utf-8" in str(e).lower() or "utf8" in str(e).lower():
-                raise bad_utf8(table) from None
-            raise table.read_error(e) from None
         except pl.exceptions.PolarsError as e:
             raise table.read_error(e) from None
         if "_split_name" in df.columns:
@@ -547,7 +543,7 @@ def load_image_processor(ref: str | Path):
     try:
         return AutoImageProcessor.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise BadInput(f"--tokenizer {ref}: cannot load its image processor ({str(e).splitlines()[0]})") from None
+        raise library_error(e, f"--tokenizer {ref}", "cannot load its image processor") from None
 
 
 def write_image_splits(root: Path, paths: list[Path], plan: Plan, processor) -> tuple[int, ...]:
@@ -590,11 +586,13 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     out = Path(out)
     if not 0 <= opts.seed < 2 ** 32:
         raise BadInput(f"--seed {opts.seed}: must be between 0 and {2 ** 32 - 1}")
+    encoding = TextEncoding(opts.encoding, opts.encoding_errors)
     check_output(out, opts.force, inputs=[source, opts.val, opts.test, opts.tokenizer])
     with tempfile.TemporaryDirectory(prefix="mk-prep-") as scratch, atomic_output(out, opts.force) as tmp:
         scratch = Path(scratch)
-        main = open_source(source, scratch)
-        extra = [open_source(ref, scratch, split=s) for s, ref in (("val", opts.val), ("test", opts.test)) if ref]
+        main = open_source(source, scratch, encoding=encoding)
+        extra = [open_source(ref, scratch, split=s, encoding=encoding)
+                 for s, ref in (("val", opts.val), ("test", opts.test)) if ref]
         sources = [main, *extra]
         what = str(source)
         if isinstance(main, ImageFolder):
@@ -637,6 +635,8 @@ def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> 
                 raise BadInput(f"{extra.name}: no column {', '.join(map(repr, missing))}; its columns are: "
                                + ", ".join(map(repr, names)))
     frame, counts, numeric = scan_rows(tables, cols)
+    if opts.encoding_errors == "replace":
+        counts["bytes_replaced"] = sum(t.replaced for t in tables)
     plan = plan_rows(frame, counts, numeric, opts, what, [t.name for t in tables])
     limit = _model_limit(tok)
     encoder = TextEncoder(tok, None)

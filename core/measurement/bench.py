@@ -29,7 +29,7 @@ from mk.core import __version__
 from mk.core.artifact import Artifact, created_by, open_artifact
 from mk.core.console import log, progress
 from mk.core.device import check_device
-from mk.core.errors import BadInput, MkError
+from mk.core.errors import BadInput, MkError, first_line
 
 SCHEMA = "mk.bench/1"
 # A variant must beat its parent by more than this ratio to count as faster:
@@ -328,8 +328,7 @@ def _named(art: Artifact, e: Exception, what: str) -> MkError:
         if str(art.path) not in e.message:
             e.message = f"{art.path}: {e.message}"
         return e
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return BadInput(f"{art.path}: {what} ({type(e).__name__}: {first})")
+    return BadInput(f"{art.path}: {what} ({type(e).__name__}: {first_line(e)})")
 
 
 def load(entry: Entry, device: str, threads: int, mem: PeakRSS) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact
 from mk.core.device import check_device
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, library_error
 
 _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                 "tensor(float16)": np.float16, "tensor(int8)": np.int8}
@@ -49,7 +49,7 @@ def open_session(path, device: str = "auto", threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), opts, providers=providers_for(device))
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
-        raise BadInput(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        raise library_error(e, path, "ONNX Runtime cannot load it") from None
 
 
 class OnnxRuntime:

@@ -6,7 +6,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact
 from mk.core.device import resolve_device
-from mk.core.errors import BadInput
+from mk.core.errors import library_error
 
 
 def load_classifier(path, task: str | None, **overrides):
@@ -25,11 +25,8 @@ def load_classifier(path, task: str | None, **overrides):
         if lora.is_adapter(path):
             return lora.load_adapter_classifier(path, auto, **overrides)
         return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **overrides)
-    except SafetensorError as e:  # truncated or corrupt weights are bad input, not a crash
-        raise BadInput(f"{path}: cannot load the model (corrupt model.safetensors: "
-                       f"{str(e).splitlines()[0]})") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise BadInput(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # corrupt weights, a foreign folder
+        raise library_error(e, path, "cannot load the model") from None
 
 
 def accepts_token_types(model) -> bool:

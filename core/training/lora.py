@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, library_error
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -53,8 +53,8 @@ def wrap(model, r: int, alpha: int | None = None, dropout: float = 0.1):
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise BadInput(f"--lora: cannot place adapters in a {model.config.model_type} model "
-                       f"({str(e).splitlines()[0]})") from None
+        raise library_error(e, "--lora", f"cannot place adapters in a {model.config.model_type} model") \
+            from None
 
 
 def unwrap_for_save(model, merge: bool = True):
