@@ -411,28 +411,8 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     (default 1e-3 in fp32, 5e-2 with --fp16)."""
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
-    if art.format != "safetensors":
-        what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
-        raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "
-                       "(Hugging Face) model",
-                       hint="`mk quant` takes ONNX models directly" if art.format == "onnx" else
-                       "export the safetensors model it was built from (see `mk info --lineage`)")
-    if opset < MIN_OPSET:
-        raise BadInput(f"--opset {opset}: mk exports opset {MIN_OPSET} or newer")
-    import onnx
-
-    if opset > onnx.defs.onnx_opset_version():
-        raise BadInput(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to "
-                       f"{onnx.defs.onnx_opset_version()}", hint=f"the default, {MIN_OPSET}, runs everywhere")
-    if exporter not in ("auto", "torchscript", "dynamo"):
-        raise BadInput(f"--exporter {exporter!r}: expected auto, torchscript or dynamo")
-    if atol is None:
-        atol = 5e-2 if fp16 else 1e-3
-    if atol < 0:
-        raise BadInput(f"--atol {atol}: a tolerance cannot be negative")
-    if art.task not in ("text-classification", "image-classification"):
-        raise BadInput(f"{art.path}: a {art.task} model has no classification head to export",
-                       hint="fine-tune it first with `mk tune`")
+    _check_exportable(art)
+    atol = _check_export_options(opset, exporter, atol, fp16)
     config = art.config()
     ds = _dataset_or_none(art, data)
     if ds is not None and art.task == "text-classification":
@@ -443,27 +423,10 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     batches, source = verification_batches(art, ds, art.task, config) if verify else ([], None)
 
     with atomic_output(out, force) as tmp:
-        scratch = tmp / ".export"
-        scratch.mkdir()
-        raw = scratch / "model.onnx"
-        used = _export(torch_model, inputs, raw, opset, exporter, art.path)
-        proto = load_onnx(raw)
-        check_inputs(proto, raw)
-        if optimize:
-            fused = optimize_transformer(raw, tmp / "model.onnx", config, fp16=fp16, external_data=external_data)
-            log.info("fused: %s", ", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing matched")
-        elif fp16:
-            fused = {}
-            to_fp16(raw, tmp / "model.onnx", external_data)
-        else:
-            fused = {}
-            save_onnx(proto, tmp / "model.onnx", external_data)
-        del proto
-        shutil.rmtree(scratch)
-        copy_tokenizer_files(art.path, tmp)
+        used, fused = _write_onnx(torch_model, inputs, tmp, art, config, opset, exporter, optimize, fp16,
+                                  external_data)
         final = load_onnx(tmp / "model.onnx", load_external_data=False)
         check_inputs(final, tmp / "model.onnx")
-
         check = max_logit_difference(torch_model, tmp / "model.onnx", batches, threads) if verify else None
         passed = check is None or check["max_abs_diff"] <= atol
         record = {
@@ -493,6 +456,60 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
                          f"above --atol {atol:g}", path=out, result=result,
                          hint="the artifact was kept for inspection; see onnx.verification in its mk.json")
     return result
+
+
+def _check_exportable(art: Artifact) -> None:
+    if art.format != "safetensors":
+        what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
+        raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "
+                       "(Hugging Face) model",
+                       hint="`mk quant` takes ONNX models directly" if art.format == "onnx" else
+                       "export the safetensors model it was built from (see `mk info --lineage`)")
+    if art.task not in ("text-classification", "image-classification"):
+        raise BadInput(f"{art.path}: a {art.task} model has no classification head to export",
+                       hint="fine-tune it first with `mk tune`")
+
+
+def _check_export_options(opset: int, exporter: str, atol: float | None, fp16: bool) -> float:
+    """Every option checked before the model loads; the tolerance to verify with."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise BadInput(f"--opset {opset}: mk exports opset {MIN_OPSET} or newer")
+    if opset > onnx.defs.onnx_opset_version():
+        raise BadInput(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to "
+                       f"{onnx.defs.onnx_opset_version()}", hint=f"the default, {MIN_OPSET}, runs everywhere")
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise BadInput(f"--exporter {exporter!r}: expected auto, torchscript or dynamo")
+    if atol is None:
+        atol = 5e-2 if fp16 else 1e-3
+    if atol < 0:
+        raise BadInput(f"--atol {atol}: a tolerance cannot be negative")
+    return atol
+
+
+def _write_onnx(torch_model, inputs: dict, tmp: Path, art: Artifact, config: dict, opset: int, exporter: str,
+                optimize: bool, fp16: bool, external_data: bool | None) -> tuple[str, dict]:
+    """Export into `tmp/model.onnx` (fused or fp16 as asked) with the tokenizer files
+    beside it; the exporter used and the fused operators."""
+    scratch = tmp / ".export"
+    scratch.mkdir()
+    raw = scratch / "model.onnx"
+    used = _export(torch_model, inputs, raw, opset, exporter, art.path)
+    proto = load_onnx(raw)
+    check_inputs(proto, raw)
+    fused = {}
+    if optimize:
+        fused = optimize_transformer(raw, tmp / "model.onnx", config, fp16=fp16, external_data=external_data)
+        log.info("fused: %s", ", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing matched")
+    elif fp16:
+        to_fp16(raw, tmp / "model.onnx", external_data)
+    else:
+        save_onnx(proto, tmp / "model.onnx", external_data)
+    del proto
+    shutil.rmtree(scratch)
+    copy_tokenizer_files(art.path, tmp)
+    return used, fused
 
 
 def _dataset_or_none(art: Artifact, data) -> Artifact | None:
