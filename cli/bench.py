@@ -87,7 +87,8 @@ def bench(
     baseline: Annotated[Optional[Path], typer.Option(
         "--baseline", help="A saved result (-o results.json) to compare with; exit 3 on a regression.")] = None,
     max_regress: Annotated[str, typer.Option(
-        "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline.")] = "5%",
+        "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline, in percent "
+        "(`5` and `5%` alike; `0.5` is half a percent).")] = "5%",
     seed: options.Seed = 0,
     trust_pickle: options.TrustPickle = False,
     as_json: options.Json = False,

@@ -182,10 +182,14 @@ def _edited(result: dict, path: Path, throughput: float = 1.0, p99: float = 1.0,
 
 def test_gate_compare_in_process(offline):
     from mk.core.measurement.bench_gate import compare, gate, parse_allowance
-    from mk.core.errors import GateFailed
+    from mk.core.errors import BadInput, GateFailed
 
     r = offline["result"]
-    assert parse_allowance("5%") == parse_allowance("5") == parse_allowance("0.05") == 0.05
+    assert parse_allowance("5%") == parse_allowance("5") == 0.05
+    assert parse_allowance("0.5") == parse_allowance("0.5%") == 0.005  # a number is a percentage, whatever its size
+    for bad in ("nan", "100", "-1", "fast"):
+        with pytest.raises(BadInput):
+            parse_allowance(bad)
     assert compare(r, r, 0.0)["passed"]
     claims = json.loads(json.dumps(r))
     for row in claims["results"]:

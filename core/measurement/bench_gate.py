@@ -22,17 +22,14 @@ from mk.core.errors import BadInput, GateFailed
 
 
 def parse_allowance(text: str) -> float:
-    """`5%`, `5` (percent) or `0.05` (a fraction) → 0.05."""
+    """`5%` or `5` → 0.05: a number is always a percentage (`0.5` is half a percent),
+    so the option reads one way whatever its size."""
     raw = str(text).strip()
     try:
-        if raw.endswith("%"):
-            value = float(raw[:-1]) / 100
-        else:
-            value = float(raw)
-            value = value / 100 if value >= 1 else value
+        value = float(raw[:-1] if raw.endswith("%") else raw) / 100
     except ValueError:
         raise BadInput(f"--max-regress {text!r}: expected a percentage like 5%") from None
-    if not 0 <= value < 1:
+    if not 0 <= value < 1:  # also refuses nan
         raise BadInput(f"--max-regress {text!r}: expected between 0% and 100%")
     return value
 
