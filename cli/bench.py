@@ -70,7 +70,10 @@ def bench(
     ] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds (A B A B …) to take medians of.")
                       ] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed calls per artifact and shape first.")] = 3,
+    warmup_calls: Annotated[int, typer.Option(
+        "--warmup-calls", min=1, help="Untimed calls per artifact and shape first.")] = 3,
+    warmup: Annotated[Optional[int], typer.Option(
+        "--warmup", min=1, hidden=True, help="Old spelling of --warmup-calls.")] = None,
     eval_limit: Annotated[Optional[int], typer.Option(
         "--eval-limit", min=0, help="Test rows for accuracy (0 skips it).  [default: all]")] = None,
     concurrency: Annotated[str, typer.Option(
@@ -108,6 +111,11 @@ def bench(
     """
     from mk.core.measurement.bench_report import check_paths
 
+    if warmup is not None:  # `mk tune --warmup` is the learning-rate warm-up; this one counts calls
+        from mk.core.console import log
+        log.warning("--warmup is now --warmup-calls (untimed calls); the old spelling will go in a later release")
+        warmup_calls = warmup
+
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
     check_paths(output, plot)
@@ -144,7 +152,7 @@ def bench(
             batch_sizes=core_bench.parse_ints(batch_sizes if batch_sizes is not None else "1,8,32", "--batch-sizes"),
             seq_lens=core_bench.parse_seq_lens(seq_lens if seq_lens is not None
                                                else ("data" if data is not None else "128")),
-            device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup,
+            device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup_calls,
             data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle)
         result = core_bench.run(paths, settings)
     _finish(result, output, plot, base, allowance, baseline, as_json)

@@ -16,7 +16,7 @@ import pytest
 from conftest import LABELS, copy_with_other_tokenizer, make_tiny_model, run_mk
 
 ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
-FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup", "2"]
+FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup-calls", "2"]
 
 
 def model_artifact(src: Path, out: Path, dataset: Path | None = None, parent: Path | None = None) -> Path:
@@ -328,3 +328,13 @@ def test_parent_comparison_and_stats():
     assert s["median"] == 10.0 and s["spread_pct"] == 20.0
     p = percentiles([0.001] * 99 + [0.1])
     assert p["p50"] == 1.0 and p["max"] == 100.0 and p["p99"] > p["p90"]
+
+
+def test_old_warmup_spelling_still_works_and_says_so(arts):
+    """`--warmup` meant untimed calls here and the learning-rate warm-up in `mk tune`:
+    bench's is now --warmup-calls; the old spelling keeps working with a deprecation line."""
+    proc = run_mk("bench", str(arts["onnx"]), "--threads", "1", "--iters", "2", "--rounds", "1", "--warmup", "2",
+                  "--batch-sizes", "1", "--eval-limit", "0", "--json", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "--warmup is now --warmup-calls" in proc.stderr
+    assert json.loads(proc.stdout)["settings"]["warmup"] == 2
