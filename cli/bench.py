@@ -60,8 +60,7 @@ def bench(
                            "[default: data with --data, else 128]")] = None,
     data: options.Data = None,
     device: options.Device = "auto",
-    threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="Threads for every runtime (reported).  [default: physical cores]")] = None,
+    threads: options.Threads = None,
     duration: Annotated[Optional[float], typer.Option(
         "--duration", min=0.01, help="Seconds measured per artifact and shape (per concurrency level over HTTP). "
                                      " [default: 3; over HTTP 10]")] = None,

@@ -14,6 +14,8 @@ Data = Annotated[Optional[Path], typer.Option(
     "--data", help="Dataset artifact (from `mk prep`); defaults to the one in the input's lineage.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same result.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for torch and ONNX Runtime (reported).  [default: physical cores]")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per batch.")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", min=8, help="Tokens per example.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]

@@ -111,3 +111,14 @@ def test_onnx_runtime_runs_on_the_gpu_it_was_given(tiny_model, tiny_dataset, tmp
     assert runtime.device == last
     batch = _batch(tiny_dataset)
     np.testing.assert_allclose(runtime(batch), load_runtime(onnx_dir, device="cpu")(batch), atol=1e-3)
+
+
+def test_export_onnx_verifies_on_the_gpu(tiny_model, tiny_dataset, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    r = run_mk("export-onnx", str(tiny_model), "--data", str(tiny_dataset), "--device", "cuda", "--json",
+               "-o", str(tmp_path / "onnx"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verification"]["max_abs_diff"] < 1e-2

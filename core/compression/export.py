@@ -28,6 +28,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
 from mk.core.console import log
+from mk.core.device import resolve_device
 from mk.core.errors import BadInput, GateFailed, MkError, first_line, library_error
 from mk.core.tokenizer_match import check_same_tokenizer
 
@@ -368,14 +369,16 @@ def to_fp16(src: Path, dst: Path, external_data: bool | None = None) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], threads: int | None = None) -> dict:
-    """Run both on each batch; the largest |difference| of logits, per shape and overall,
-    and how often the predicted class agrees."""
+def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], threads: int | None = None,
+                         device: str = "cpu") -> dict:
+    """Run both on each batch, on `device`; the largest |difference| of logits, per shape
+    and overall, and how often the predicted class agrees."""
     import torch
 
     from mk.core.runtime.onnx_runtime import open_session
 
-    session = open_session(onnx_path, "cpu", threads)
+    session = open_session(onnx_path, device, threads)
+    torch_model = torch_model.to(device)
     names = {i.name: i.type for i in session.get_inputs()}
     params = _forward_params(torch_model)
     shapes, worst, agree, total = [], 0.0, 0, 0
@@ -385,8 +388,8 @@ def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], thre
         if "token_type_ids" in names and "token_type_ids" not in feed:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         with torch.inference_mode():
-            tfeed = {k: torch.from_numpy(v) for k, v in feed.items() if k in params}
-            ref = torch_model(**tfeed).logits.float().numpy()
+            tfeed = {k: torch.from_numpy(v).to(device) for k, v in feed.items() if k in params}
+            ref = torch_model(**tfeed).logits.float().cpu().numpy()
         got = session.run(None, feed)[0].astype(np.float32)
         diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
         worst = max(worst, diff)
@@ -403,12 +406,14 @@ def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], thre
 def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = None, atol: float | None = None,
                 optimize: bool = False, fp16: bool = False, opset: int = MIN_OPSET, exporter: str = "auto",
                 external_data: bool | None = None, force: bool = False, trust_pickle: bool = False,
-                threads: int | None = None, verify: bool = True, step_of: str | None = None) -> dict:
+                threads: int | None = None, verify: bool = True, step_of: str | None = None,
+                device: str = "cpu") -> dict:
     """Export a safetensors model artifact (or Hugging Face folder, or `minilm`) to an
-    ONNX model artifact at `out`; verify it against torch; return a result dict.
+    ONNX model artifact at `out`; verify it against torch on `device`; return a result dict.
 
     Raises GateFailed (the artifact kept) when the largest logit difference is above `atol`
     (default 1e-3 in fp32, 5e-2 with --fp16)."""
+    device = _verification_device(device) if verify else "cpu"
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
     _check_exportable(art)
@@ -427,7 +432,8 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
                                   external_data)
         final = load_onnx(tmp / "model.onnx", load_external_data=False)
         check_inputs(final, tmp / "model.onnx")
-        check = max_logit_difference(torch_model, tmp / "model.onnx", batches, threads) if verify else None
+        check = (max_logit_difference(torch_model, tmp / "model.onnx", batches, threads, device)
+                 if verify else None)
         passed = check is None or check["max_abs_diff"] <= atol
         record = {
             "exporter": used, "opset": opset_of(final), "inputs": model_inputs(final), "outputs": ["logits"],
@@ -456,6 +462,15 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
                          f"above --atol {atol:g}", path=out, result=result,
                          hint="the artifact was kept for inspection; see onnx.verification in its mk.json")
     return result
+
+
+def _verification_device(device: str) -> str:
+    """`--device` resolved, and its ONNX Runtime provider present, before any work."""
+    from mk.core.runtime.onnx_runtime import providers_for
+
+    device = resolve_device(device)
+    providers_for(device)
+    return device
 
 
 def _check_exportable(art: Artifact) -> None:
