@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_with_other_tokenizer, run_mk
+from conftest import LABELS, copy_with_other_tokenizer, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 
@@ -112,13 +112,63 @@ def _teacher_labelled(tmp_path, dataset: Path, onnx_model: Path) -> Path:
 def test_gate_writes_both_accuracies_and_exits_3_on_a_real_drop(tmp_path, near_ties_parent, tiny_dataset):
     data = _teacher_labelled(tmp_path, tiny_dataset, near_ties_parent)
     out = tmp_path / "int8"
-    # the default int8 really flips some near ties of this model; none is allowed
-    r = run_mk("quant", str(near_ties_parent), "-o", str(out), "--data", str(data), "--max-drop", "0")
+    # the default int8 really flips some near ties of this model; the point gate allows none
+    r = run_mk("quant", str(near_ties_parent), "-o", str(out), "--data", str(data), "--max-drop", "0",
+               "--gate-test", "point")
     assert r.returncode == 3, r.stderr
     assert r.stdout.strip() == str(out) and "more than --max-drop 0" in r.stderr
     metrics = json.loads((out / "mk.json").read_text())["metrics"]
     assert metrics["parent_accuracy"] == 1.0 and metrics["accuracy"] < 1.0
     assert metrics["accuracy_drop_points"] == pytest.approx(100 * (1 - metrics["accuracy"]), abs=1e-3)
+    gate = metrics["gate"]
+    assert gate["failed"] and gate["test"] == "point" and gate["better"] == 0
+    assert gate["worse"] == round(gate["rows"] * (1 - metrics["accuracy"]))
+
+    # the paired gate fails the same flips only when its interval clears 0, and says
+    # that 30 test rows are too few for a fine gate
+    paired = tmp_path / "int8-paired"
+    r = run_mk("quant", str(near_ties_parent), "-o", str(paired), "--data", str(data), "--max-drop", "0")
+    gate = json.loads((paired / "mk.json").read_text())["metrics"]["gate"]
+    assert gate["test"] == "paired" and gate["confidence"] == 0.95
+    assert gate["failed"] == (gate["interval_points"][0] > 0) == (r.returncode == 3), r.stderr
+    assert gate["worse"] >= 1 and "95% interval" in r.stderr and "too few" in r.stderr
+
+
+def test_a_failed_gate_leaves_a_state_make_and_mk_agree_on(tmp_path, near_ties_parent, tiny_dataset, tiny_model):
+    """make's .DELETE_ON_ERROR deleted int8/mk.json when the gate failed; now the target is a
+    stamp mk quant's folder gets only when the gate passed."""
+    import os
+    import shutil
+
+    out = tmp_path / "build"
+    from mk.core.artifact import write_manifest
+
+    for name, src in (("data", tiny_dataset), ("tuned", tiny_model), ("onnx", near_ties_parent)):
+        shutil.copytree(src, out / name)
+    write_manifest(out / "tuned", kind="model", format="safetensors", task="text-classification", labels=LABELS)
+    for age, name in enumerate(("data", "tuned", "onnx")):  # upstream targets up to date, in order
+        os.utime(out / name / "mk.json", (1_000_000 + age, 1_000_000 + age))
+    teacher = _teacher_labelled(tmp_path, tiny_dataset, near_ties_parent)
+    makefile = Path(__file__).resolve().parents[1] / "scripts" / "Makefile"
+    target = f"{out}/int8/gate-passed"
+
+    def make(*args):
+        return subprocess.run(["make", "-f", str(makefile), f"OUT={out}", f"MK={MK}", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    failing = f"QUANT_FLAGS=--data {teacher} --gate-test point --max-drop 0"
+    r = make(failing, target)
+    assert r.returncode != 0 and "Error 3" in r.stderr, r.stderr
+    assert not Path(target).exists()
+    manifest = json.loads((out / "int8" / "mk.json").read_text())  # kept, whole, readable by mk
+    assert manifest["metrics"]["gate"]["failed"] is True
+    assert run_mk("info", str(out / "int8")).returncode == 0
+    assert make("-q", failing, target).returncode == 1  # make still wants to build it
+
+    r = make("QUANT_FLAGS=--max-drop 100", target)
+    assert r.returncode == 0, r.stderr
+    assert Path(target).is_file() and make("-q", "QUANT_FLAGS=--max-drop 100", target).returncode == 0
+    assert json.loads((out / "int8" / "mk.json").read_text())["metrics"]["gate"]["failed"] is False
 
 
 def test_safetensors_input_is_exported_first_through_a_real_pipe(tmp_path, tiny_model, tiny_dataset):
