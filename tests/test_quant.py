@@ -294,3 +294,46 @@ def test_output_holding_the_input_is_refused_even_with_force(tmp_path, onnx_pare
     r = run_mk("quant", str(work / "onnx"), "-o", str(work), "--force", "--data", str(tiny_dataset))
     assert r.returncode == 2 and "would overwrite the input" in r.stderr, r.stderr
     assert (work / "onnx" / "model.onnx").is_file()
+
+
+# --------------------------------------------------------------------------- int8 arithmetic of other CPUs
+
+
+def test_settings_chosen_for_a_cpu_without_vnni_avoid_the_saturation_the_vnni_settings_hit(
+        tmp_path, onnx_parent, tiny_dataset):
+    """The test model's real weights and activations through the arithmetic of both kinds of
+    CPU (tests/u8s8_emulation.py): with full-range int8 weights, 16-bit pair sums clip and
+    change answers; with the 7-bit weights mk chooses for such a CPU nothing clips."""
+    import onnx
+
+    from mk.core import cpu
+    from mk.core.artifact import open_artifact
+    from mk.core.compression.quantize import QuantSettings, quantize
+    from mk.core.dataset import load_split
+    from u8s8_emulation import run as emulate
+
+    test = load_split(open_artifact(tiny_dataset), "test")
+    feeds = [{"input_ids": test["input_ids"].astype(np.int64), "attention_mask": test["attention_mask"].astype(np.int64),
+              "token_type_ids": np.zeros(test["input_ids"].shape, np.int64)}]
+    fp32 = _predictions(onnx_parent, test)
+    avx2 = cpu.int8_settings(["avx2"], "dynamic")
+    assert avx2["reduce_range"] and not cpu.int8_settings(["avx512_vnni"], "dynamic")["reduce_range"]
+    for method, extra in (("dynamic", {}), ("static", {"calib_method": "entropy", "calib_size": 32})):
+        answers = {}
+        for reduce_range in (False, True):
+            out = tmp_path / f"{method}-{reduce_range}"
+            quantize(onnx_parent, out, method=method, gate=False,
+                     settings=QuantSettings(method=method, reduce_range=reduce_range, **extra))
+            model = onnx.load(str(out / "model.onnx"))
+            exact, _ = emulate(model, feeds, saturate=False)
+            pairs16, clipped = emulate(model, feeds, saturate=True)
+            # the emulation is ONNX Runtime's own arithmetic on the CPU at hand, answer for answer
+            here = pairs16 if cpu.this_cpu().int8_path == cpu.SATURATING else exact
+            assert np.array_equal(here.argmax(-1), _predictions(out, test))
+            answers[reduce_range] = (exact.argmax(-1), pairs16.argmax(-1), clipped)
+        (vnni_exact, vnni_on_avx2, vnni_clips), (rr_exact, rr_on_avx2, rr_clips) = answers[False], answers[True]
+        # full 8-bit weights: pairs clip on a CPU without VNNI, and answers change
+        assert vnni_clips.clipped > 0 and np.mean(vnni_on_avx2 == fp32) < np.mean(vnni_exact == fp32), method
+        # 7-bit weights: 255 · 64 · 2 < 32767, no pair clips, the same answers on both kinds of CPU
+        assert rr_clips.clipped == 0 and np.array_equal(rr_on_avx2, rr_exact), method
+        assert np.mean(rr_on_avx2 == fp32) >= 0.8, method  # what the agreement test asks of every CPU
