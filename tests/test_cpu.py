@@ -70,3 +70,41 @@ def test_a_model_quantized_on_the_other_kind_of_cpu_is_flagged(tmp_path, monkeyp
         assert cpu.int8_path_mismatch(_quantized(tmp_path, other, method="fp16")) is None
         assert cpu.int8_path_mismatch(_quantized(tmp_path, None)) is None
         assert cpu.int8_path_mismatch(Artifact(tmp_path, {"kind": "model", "format": "onnx"})) is None
+
+
+def test_bench_and_serve_warn_on_a_model_quantized_on_the_other_kind_of_cpu(tmp_path, tiny_model, tiny_dataset):
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import run_mk
+    from mk.core.compression.export import export_onnx
+    from mk.core.compression.quantize import quantize
+
+    export_onnx(tiny_model, tmp_path / "onnx", data=tiny_dataset)
+    int8 = tmp_path / "int8"
+    quantize(tmp_path / "onnx", int8, gate=False)
+    manifest = json.loads((int8 / "mk.json").read_text())
+    made_here = manifest["quantization"]["cpu"]
+    assert made_here == cpu.this_cpu().record()
+    args = ["--threads", "1", "--iters", "2", "--rounds", "1", "--warmup", "1", "--batch-sizes", "1",
+            "--seq-lens", "16", "--json"]
+    assert "quantized on" not in run_mk("bench", str(int8), *args, check=True).stderr
+
+    other = cpu.VNNI if made_here["int8_path"] == cpu.SATURATING else cpu.SATURATING
+    manifest["quantization"]["cpu"] = {**made_here, "model": "Another CPU", "int8_path": other}
+    (int8 / "mk.json").write_text(json.dumps(manifest))
+    r = run_mk("bench", str(int8), *args, check=True)
+    assert "quantized on Another CPU" in r.stderr
+    assert any("quantized on Another CPU" in w for w in json.loads(r.stdout)["warnings"])
+
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mk")), "serve", str(int8), "--port", "0",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("http://127.0.0.1:")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "quantized on Another CPU" in err
