@@ -108,3 +108,36 @@ def test_bench_and_serve_warn_on_a_model_quantized_on_the_other_kind_of_cpu(tmp_
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "quantized on Another CPU" in err
+
+
+def test_mk_quant_fills_only_the_choices_left_open_and_says_when_it_departs_from_vnni(monkeypatch):
+    import logging
+
+    from mk.core.compression import quantize as q
+    from mk.core.console import log
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        for flags, reduce_range in ((EPYC_ZEN3, True), (XEON_SAPPHIRE_RAPIDS, False)):
+            monkeypatch.setattr(q, "this_cpu", lambda f=flags: cpu.CPU("Some CPU", tuple(f.split())))
+            said.clear()
+            s = q.QuantSettings(method="static")
+            record = q.settings_for_this_cpu(s)
+            assert (s.per_channel, s.reduce_range) == (True, reduce_range)
+            assert record["given"] == {} and record["chosen_for_cpu"]["reduce_range"] is reduce_range
+            assert record["cpu"]["model"] == "Some CPU"
+            assert any("no VNNI" in m for m in said) == reduce_range
+            # an explicit flag wins, is recorded as given, and leaves nothing to say
+            said.clear()
+            s = q.QuantSettings(method="dynamic", reduce_range=not reduce_range, per_channel=False)
+            record = q.settings_for_this_cpu(s)
+            assert (s.per_channel, s.reduce_range) == (False, not reduce_range) and not said
+            assert record["given"] == {"per_channel": False, "reduce_range": not reduce_range}
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

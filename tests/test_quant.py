@@ -258,6 +258,7 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_da
 
 def test_gate_hint_suggests_only_settings_not_already_used():
     # after a static/entropy run the hint said "try --method static with --calib-method entropy"
+    from mk.core import cpu
     from mk.core.compression.quantize import QuantSettings, _other_settings
 
     static = _other_settings(QuantSettings(method="static", calib_method="entropy"))
@@ -266,6 +267,8 @@ def test_gate_hint_suggests_only_settings_not_already_used():
     assert "--method static with --calib-method entropy" in _other_settings(QuantSettings(method="dynamic"))
     assert "--per-channel" in _other_settings(QuantSettings(method="dynamic", per_channel=False))
     assert _other_settings(QuantSettings(method="fp16")) == "a larger --max-drop"
+    full = _other_settings(QuantSettings(method="dynamic", reduce_range=False))
+    assert ("--reduce-range" in full) == (cpu.this_cpu().int8_path == cpu.SATURATING)
 
 
 def test_op_types_that_match_nothing_are_refused(tmp_path, onnx_parent, tiny_dataset):

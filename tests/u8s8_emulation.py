@@ -40,21 +40,29 @@ class Saturation:
 
 def pair_sums_dot(a: np.ndarray, b: np.ndarray, saturate: bool) -> tuple[np.ndarray, int]:
     """Σ_j sat16(a[:, 2j]·b[2j] + a[:, 2j+1]·b[2j+1]) for raw uint8 `a` [M, K] and
-    int8 `b` [K, N]; returns the int32 result and how many pair sums were clipped."""
-    a = a.astype(np.int32)
-    b = b.astype(np.int32)
+    int8 `b` [K, N]; returns the int32 result and how many pair sums were clipped.
+
+    The exact product comes from one float64 GEMM (exact: |sums| < 2^53); then only the
+    rows of a pair whose bound |a|·max|b| can pass 32767 are expanded and corrected."""
+    a = a.astype(np.int64)
+    b = b.astype(np.int64)
+    out = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+    if not saturate:
+        return out.astype(np.int32), 0
     if a.shape[1] % 2:  # MLAS pads K with zeros
         a = np.pad(a, ((0, 0), (0, 1)))
         b = np.pad(b, ((0, 1), (0, 0)))
-    out = np.zeros((a.shape[0], b.shape[1]), dtype=np.int32)
+    top = np.abs(b).max(axis=1)
     clipped = 0
     for k in range(0, a.shape[1], 2):
-        pair = np.outer(a[:, k], b[k]) + np.outer(a[:, k + 1], b[k + 1])
-        if saturate:
-            clipped += int(np.count_nonzero((pair < I16_MIN) | (pair > I16_MAX)))
-            np.clip(pair, I16_MIN, I16_MAX, out=pair)
-        out += pair
-    return out, clipped
+        rows = np.nonzero(a[:, k] * top[k] + a[:, k + 1] * top[k + 1] > I16_MAX)[0]
+        if rows.size == 0:
+            continue
+        pair = np.outer(a[rows, k], b[k]) + np.outer(a[rows, k + 1], b[k + 1])
+        excess = pair - np.clip(pair, I16_MIN, I16_MAX)
+        clipped += int(np.count_nonzero(excess))
+        out[rows] -= excess
+    return out.astype(np.int32), clipped
 
 
 def matmul_integer(a, b, a_zero_point=None, b_zero_point=None, saturate: bool = True):

@@ -38,6 +38,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
 from mk.core.console import log
+from mk.core.cpu import SATURATING, this_cpu
 from mk.core.errors import BadInput, GateFailed
 from mk.core.tokenizer_match import check_same_tokenizer
 from mk.core.compression.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
@@ -219,6 +220,8 @@ def _other_settings(settings: QuantSettings) -> str:
         tries.append("--calib-method entropy")
     if settings.method != "fp16" and settings.per_channel is False:
         tries.append("--per-channel")
+    if settings.method != "fp16" and settings.reduce_range is False and this_cpu().int8_path == SATURATING:
+        tries.append("--reduce-range (this CPU has no VNNI)")
     if settings.method != "fp16" and "Gather" in settings.op_types:
         tries.append("--op-types MatMul (embeddings stay fp32)")
     if settings.method != "fp16":
@@ -229,7 +232,7 @@ def _other_settings(settings: QuantSettings) -> str:
 def settings_for_this_cpu(settings: QuantSettings) -> dict:
     """Fill the int8 choices left open with the ones for this CPU; returns the record
     for mk.json (the CPU, what it calls for, what was given explicitly)."""
-    from mk.core.cpu import int8_settings, settings_note, this_cpu
+    from mk.core.cpu import int8_settings, settings_note
 
     cpu = this_cpu()
     chosen = int8_settings(cpu.flags, settings.method)
