@@ -24,6 +24,14 @@ TrustPickle = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow pickled checkpoints (pytorch_model.bin); they can run code when loaded.")]
 
 
+Confidence = Annotated[float, typer.Option(
+    "--confidence", help="How sure the accuracy gate must be that the drop exceeds --max-drop before it fails "
+                         "(exact interval on the paired answers of parent and child).")]
+GateTest = Annotated[str, typer.Option(
+    "--gate-test", help="paired: fail when the drop's --confidence interval lies wholly above --max-drop "
+                        "(McNemar-style, knows the sample size); point: fail when the observed drop is above it.")]
+
+
 def input_argument(help: str):
     """A positional input path that may instead arrive on piped stdin."""
     return typer.Argument(help=f"{help} Read from stdin when omitted and stdin is piped.",

@@ -40,6 +40,7 @@ def serve(
       mk bench --url http://127.0.0.1:8000 --concurrency 1,8 --data data
     """
     from mk.core.artifact import open_artifact
+    from mk.core.cpu import warn_int8_path_mismatch
     from mk.core.console import console, log
     from mk.core.serving.serve import load_into, model_name as name_of, start, url_of
 
@@ -48,6 +49,7 @@ def serve(
 
     check_device(device)
     art = open_artifact(ref, kind="model", trust_pickle=trust_pickle)
+    warn_int8_path_mismatch(art)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
