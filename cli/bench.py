@@ -90,6 +90,9 @@ def bench(
         "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline.")] = "5%",
     seed: options.Seed = 0,
     trust_pickle: options.TrustPickle = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing -o or --plot file (a -o .json only if it is a mk bench result).")
+    ] = False,
     as_json: options.Json = False,
 ):
     """Measure model artifacts side by side: latency, throughput, memory, size, accuracy.
@@ -109,7 +112,7 @@ def bench(
 
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
-    check_paths(output, plot)
+    check_paths(output, plot, force)
     allowance, base = None, None
     if baseline is not None:
         from mk.core.measurement.bench_gate import load_baseline, parse_allowance
@@ -146,10 +149,10 @@ def bench(
             device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup,
             data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle)
         result = core_bench.run(paths, settings)
-    _finish(result, output, plot, base, allowance, baseline, as_json)
+    _finish(result, output, plot, base, allowance, baseline, as_json, force)
 
 
-def _finish(result: dict, output, plot, base, allowance, baseline, as_json: bool) -> None:
+def _finish(result: dict, output, plot, base, allowance, baseline, as_json: bool, force: bool) -> None:
     from mk.core.measurement import bench_report
     from mk.core.console import console, quiet
 
@@ -163,9 +166,9 @@ def _finish(result: dict, output, plot, base, allowance, baseline, as_json: bool
         for w in result["warnings"]:
             console.print(f"[bold yellow]warning:[/] {w}", markup=True, highlight=False, soft_wrap=True)
     if output is not None:
-        bench_report.write_output(result, output)
+        bench_report.write_output(result, output, force)
     if plot is not None:
-        bench_report.plot(result, plot)
+        bench_report.plot(result, plot, force)
     emit(output, result, as_json=as_json)
     gate = result.get("gate")
     if gate is not None:

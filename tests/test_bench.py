@@ -252,8 +252,8 @@ def test_bad_options_exit_2_before_measuring(arts, tmp_path):
     for args, text in ((["--duration", "1", "--iters", "2"], "--duration and --iters"),
                        (["-o", str(tmp_path / "r.txt")], "unknown file type"),
                        # was "unexpected IsADirectoryError", exit 1, after measuring
-                       (["-o", str(tmp_path / "folder.json")], "is a folder"),
-                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is not a folder"),
+                       (["-o", str(tmp_path / "folder.json")], "already exists (a folder)"),
+                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is a file, not a folder"),
                        (["--batch-sizes", "0,8"], "--batch-sizes"),
                        (["--seq-lens", "abc"], "--seq-lens"),
                        (["--baseline", str(tmp_path / "none.json")], "--baseline"),

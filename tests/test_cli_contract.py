@@ -101,7 +101,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_lineage_walks_back(tmp_path):
-    from mk.core.artifact import atomic_output, open_artifact
+    from mk.core.artifact import open_artifact
+    from mk.core.outputs import atomic_output
 
     prev = None
     for name in ("base", "tuned", "int8"):

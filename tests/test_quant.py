@@ -244,3 +244,26 @@ def test_output_holding_the_input_is_refused_even_with_force(tmp_path, onnx_pare
     r = run_mk("quant", str(work / "onnx"), "-o", str(work), "--force", "--data", str(tiny_dataset))
     assert r.returncode == 2 and "would overwrite the input" in r.stderr, r.stderr
     assert (work / "onnx" / "model.onnx").is_file()
+
+
+def test_calibration_is_capped_at_the_split_and_fed_in_chunks(tmp_path, onnx_parent, tiny_dataset, monkeypatch,
+                                                             caplog):
+    """ONNX Runtime holds every activation of the rows it is given: a --calib-size past
+    the split is capped (and said), and the rows reach it a batch at a time (the
+    histogram calibrators failed on a last, shorter batch)."""
+    import logging
+
+    from mk.core.compression import quantize as q
+
+    chunks = []
+    real = q.DatasetCalibrationReader.set_range
+    monkeypatch.setattr(q.DatasetCalibrationReader, "set_range",
+                        lambda self, start_index, end_index: chunks.append((start_index, end_index))
+                        or real(self, start_index, end_index))
+    with caplog.at_level(logging.WARNING, logger="mk"):
+        result = q.quantize(onnx_parent, tmp_path / "p", method="static", max_drop=100,
+                            settings=q.QuantSettings(method="static", calib_size=100_000, calib_method="percentile"))
+    calibration = result["quantization"]["calibration"]
+    assert "--calib-size 100000: the train split holds 120 rows" in caplog.text
+    assert calibration["rows"] == 120 and calibration["batches"] == 8 and calibration["rows_per_call"] == 16
+    assert chunks == [(i, i + 1) for i in range(8)]  # one batch per call, the last one shorter

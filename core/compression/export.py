@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
+from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
+from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log
 from mk.core.errors import BadInput, GateFailed, MkError
 from mk.core.tokenizer_match import check_same_tokenizer

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import atomic_output, check_output, write_manifest
+from mk.core.artifact import write_manifest
+from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
 from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
