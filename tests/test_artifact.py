@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import textwrap
 
 import pytest
@@ -164,3 +165,34 @@ def test_a_hand_edited_manifest_of_the_wrong_shape_is_named(tmp_path, tiny_model
     (art / "mk.json").write_text(json.dumps({**manifest, key: value}))
     with pytest.raises(BadInput, match=f"invalid manifest: '{key}' is a"):
         open_artifact(art)
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"name": "../../elsewhere.csv", "bytes": 1}, "not a plain relative name"),
+    ({"name": "/etc/passwd", "bytes": 1}, "not a plain relative name"),
+    ({"bytes": 1}, "files[1] has no 'name'"),
+    ({"name": "x", "bytes": "12"}, "files[1].bytes is '12'"),
+    (7, "files[1] is a int, expected an object"),
+])
+def test_manifest_file_entries_stay_inside_the_artifact(tmp_path, entry, problem):
+    _make(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    manifest["files"].append(entry)
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BadInput, match=re.escape(problem)):
+        open_artifact(tmp_path / "m")
+
+
+def test_verify_hashes_every_listed_file_from_disk_and_reports_extra_files(tmp_path):
+    from mk.core.info import describe
+
+    _make(tmp_path / "m")
+    assert describe(tmp_path / "m", verify=True)["problems"] == []
+    (tmp_path / "m" / "payload.bin").write_bytes(b"WEIGHTS")  # same size, other bytes
+    (tmp_path / "m" / "extra.txt").write_text("x")
+    problems = describe(tmp_path / "m", verify=True)["problems"]
+    assert problems == ["payload.bin: sha256 differs from the manifest", "extra.txt: not listed in the manifest"]
+    (tmp_path / "m" / "payload.bin").unlink()
+    os.mkfifo(tmp_path / "m" / "payload.bin")  # unreadable as a file: reported, not trusted
+    problems = describe(tmp_path / "m", verify=True)["problems"]
+    assert problems[0] == "payload.bin: not a regular file inside the artifact"
