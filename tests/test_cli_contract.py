@@ -4,6 +4,7 @@ bad input is one clear line with exit 2, and no traceback unless MK_DEBUG=1."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -135,3 +136,36 @@ def test_setup_never_pins_gpu_users_to_the_cpu_build():
     assert '"torch>=' in deps and "+cpu" not in deps and "torch==" not in deps
     setup = (root / "scripts" / "setup.sh").read_text()
     assert "nvidia-smi" in setup and os.access(root / "scripts" / "setup.sh", os.X_OK)
+
+
+@pytest.mark.parametrize("piped, expected", [
+    ("a/b\n", "a/b"), ('{"path": "x/y", "kind": "model"}', "x/y"),
+    ("a\nb\n", "stdin: 2 lines where one model path was expected"),
+    ('{"path": null}', 'stdin: JSON without a "path" string'),
+    ('{"path": "x/y", "kind": ', "stdin: invalid JSON"),
+    ("  \n", "stdin was empty"),
+])
+def test_piped_input_is_one_path_and_ambiguity_is_refused(monkeypatch, piped, expected):
+    import io
+
+    from mk.cli.output import read_input
+    from mk.core.errors import BadInput
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+    if "/" in expected and " " not in expected:
+        assert str(read_input(None, "model")) == expected
+    else:
+        with pytest.raises(BadInput, match=re.escape(expected)):
+            read_input(None, "model")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prep", "--seed", "x"], "error: invalid value for '--seed'"),
+    (["bench", "--rounds", "0"], "error: invalid value for '--rounds'"),
+    (["prep", "--no-such-option"], "error: no such option"),
+])
+def test_option_errors_read_like_every_other_error(args, message):
+    r = run_mk(*args)
+    assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
+    assert "Error:" not in r.stderr and "Usage:" not in r.stderr and r.stdout == ""
+    assert f"hint: see `mk {args[0]} --help`" in r.stderr
