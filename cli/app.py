@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import sys
 from typing import Annotated
@@ -13,7 +14,7 @@ from typer.core import TyperGroup
 
 from mk.core import __version__
 from mk.core.console import configure, console
-from mk.core.errors import INTERRUPTED, RUNTIME_FAILURE, GateFailed, MkError
+from mk.core.errors import INTERRUPTED, RUNTIME_FAILURE, BadInput, GateFailed, MkError
 
 # click's exceptions, from wherever this typer takes click (it vendors it since 0.26)
 _click = importlib.import_module(typer.BadParameter.__module__)
@@ -88,6 +89,14 @@ def _debug() -> bool:
     return os.environ.get("MK_DEBUG", "") not in ("", "0")
 
 
+def _check_finite(options: dict) -> None:
+    """NaN and infinity are no tolerance, allowance, duration or rate: refused up front
+    for every float option, before minutes of work end in a meaningless gate."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"--{name.replace('_', '-')} {value}: expected a finite number")
+
+
 def command(name: str, **kwargs):
     """Register a command whose errors end as `error: …` / `hint: …` and the
     contract's exit code; MK_DEBUG=1 re-raises for the traceback."""
@@ -98,6 +107,7 @@ def command(name: str, **kwargs):
             from mk.cli.output import emit
 
             try:
+                _check_finite(kw)
                 return fn(*args, **kw)
             except GateFailed as e:
                 if e.path is not None:  # the artifact was written for inspection

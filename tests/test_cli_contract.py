@@ -169,3 +169,16 @@ def test_option_errors_read_like_every_other_error(args, message):
     assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
     assert "Error:" not in r.stderr and "Usage:" not in r.stderr and r.stdout == ""
     assert f"hint: see `mk {args[0]} --help`" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export-onnx", "minilm", "-o", "OUT", "--atol", "nan"], "--atol nan: expected a finite number"),
+    (["quant", "minilm", "-o", "OUT", "--max-drop", "inf"], "--max-drop inf: expected a finite number"),
+    (["bench", "minilm", "--duration", "inf"], "--duration inf: expected a finite number"),
+    (["bench", "minilm", "--baseline", "b.json", "--max-regress", "nan"], "--max-regress 'nan'"),
+])
+def test_nan_and_infinite_gate_options_are_refused_before_any_work(tmp_path, args, message):
+    args = [str(tmp_path / a) if a in ("OUT", "b.json") else a for a in args]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and message in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []

@@ -509,3 +509,14 @@ def test_embedded_tweets_sample(tmp_path):
     assert result["labels"] == LABELS and sum(result["splits"].values()) == 300
     assert result["cleaning"]["rows_read"] == 38158  # read lossily: the file has stray non-UTF-8 bytes
     assert_stratified(result)
+
+
+def test_a_sample_larger_than_the_data_is_said_and_recorded_as_taken(tmp_path, rows, minilm_dir, caplog):
+    import logging
+
+    src = write_table(tmp_path / "d.csv", rows)
+    with caplog.at_level(logging.WARNING, logger="mk"):
+        run_prep(src, tmp_path / "out", minilm_dir, sample=1000)
+    assert "--sample 1000:" in caplog.text and "holds 60 rows after cleaning; keeping them all" in caplog.text
+    m = manifest(tmp_path / "out")
+    assert m["sample"] == 60 and m["sample_requested"] == 1000

@@ -357,6 +357,8 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
         take = _stratified_take(groups, opts.sample, rng)
         counts["sampled_out"] = int(len(label) - take.size)
         src, row, label, split = src[take], row[take], label[take], split[take]
+    elif opts.sample is not None:
+        log.warning("--sample %d: %s holds %d rows after cleaning; keeping them all", opts.sample, what, len(label))
     # Carve the splits not given from the training pool, stratified by label.
     targets = [0] + [s for s in (1, 2) if s not in given]
     pool = np.flatnonzero(split <= 0)
@@ -667,7 +669,9 @@ def _plan_fields(plan, opts: PrepOptions) -> dict:
     """What the manifest says of labels, splits and cleaning, for text and images alike."""
     return {"labels": plan.names, "splits": plan.counts(), "label_counts": plan.label_counts(),
             "cleaning": plan.cleaning, "split_fractions": list(opts.split), "seed": opts.seed,
-            "sample": opts.sample}
+            # the rows the sample holds, which is fewer than asked when the data is smaller
+            "sample": None if opts.sample is None else sum(plan.counts().values()),
+            "sample_requested": opts.sample}
 
 
 def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what: str) -> dict:
