@@ -41,6 +41,12 @@ LENGTH_SAMPLE = 20_000   # texts tokenized to choose --max-length
 LENGTH_PERCENTILE = 95
 CHUNK_ROWS = 16_384      # rows read, tokenized and written at a time (bounds memory)
 ENCODE_BATCH = 4_096     # rows per call of the Rust tokenizer
+# Texts are cut to this many characters per token kept before tokenizing: the
+# tokenizer encodes a whole text before truncating it (a 10 MB field peaked at
+# 1.5 GB), and no token is longer than this (WordPiece maps a word over 100
+# characters to one [UNK]), so nothing within --max-length is lost.
+CHARS_PER_TOKEN = 128
+UNLIMITED_TOKENS = 8_192  # the cut of a tokenizer without a model_max_length
 IMAGE_BATCH = 64
 POOL = -1                # a row whose split is still to be carved out by --split
 
@@ -148,15 +154,17 @@ class TextEncoder:
         else:
             self.backend.no_truncation()
         self.max_length = max_length
+        self.max_chars = CHARS_PER_TOKEN * (max_length or _model_limit(tok) or UNLIMITED_TOKENS)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.left = getattr(tok, "padding_side", "right") == "left"
 
     def _encode(self, texts: list[str], pairs: list[str] | None):
         """Encodings in batches of ENCODE_BATCH: long enough to keep every core busy,
         short enough that the Encoding objects (tens of bytes a token) stay small."""
+        cut = self.max_chars
         for i in range(0, len(texts), ENCODE_BATCH):
-            part = texts[i:i + ENCODE_BATCH]
-            inputs = part if pairs is None else list(zip(part, pairs[i:i + ENCODE_BATCH]))
+            part = [t[:cut] for t in texts[i:i + ENCODE_BATCH]]
+            inputs = part if pairs is None else list(zip(part, (t[:cut] for t in pairs[i:i + ENCODE_BATCH])))
             yield i, self.backend.encode_batch_fast(inputs, add_special_tokens=True)
 
     def lengths(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
