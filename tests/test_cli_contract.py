@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,30 @@ def test_nan_and_infinite_gate_options_are_refused_before_any_work(tmp_path, arg
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and message in r.stderr, r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_onnx_runtime_log_lines_stay_off_stderr_unless_verbose(tmp_path):
+    """ONNX Runtime logs in colour from C++, whatever NO_COLOR says: mk keeps them off."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y],
+                              [numpy_helper.from_array(np.zeros(1, np.float32), "unused")])  # ORT warns of it
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "w.onnx")
+    script = textwrap.dedent(f"""
+        import sys
+        import onnxruntime
+        from mk.core.console import configure, quiet_onnxruntime
+        configure(verbose=sys.argv[1] == "v")
+        quiet_onnxruntime()  # what mk calls before ONNX Runtime's tooling makes its own sessions
+        onnxruntime.InferenceSession({str(tmp_path / "w.onnx")!r}, providers=["CPUExecutionProvider"])
+    """)
+    for verbosity, shown in (("", False), ("v", True)):
+        r = subprocess.run([sys.executable, "-c", script, verbosity], capture_output=True, text=True,
+                           env={**os.environ, "NO_COLOR": "1"})
+        assert r.returncode == 0 and ("Removing initializer" in r.stderr) == shown, r.stderr

@@ -34,7 +34,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
 from mk.core.outputs import atomic_output, check_output
-from mk.core.console import log
+from mk.core.console import log, quiet_onnxruntime
 from mk.core.errors import BadInput, GateFailed
 from mk.core.tokenizer_match import check_same_tokenizer
 from mk.core.compression.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
@@ -158,6 +158,8 @@ def quantize_file(src: Path, dst: Path, settings: QuantSettings, config: dict | 
 def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    quiet_onnxruntime()  # the calibrators' sessions log through ONNX Runtime's default logger
 
     work = Path(work or dst.parent)
     done: dict = {}
