@@ -41,7 +41,7 @@ class _Group(TyperGroup):
         except _click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except _click.Abort:
+        except typer.Abort:
             typer.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)

@@ -190,6 +190,12 @@ def read_manifest(path: Path) -> dict:
                        ("dataset", (dict, type(None))), ("files", (list, type(None)))):
         if key in manifest and not isinstance(manifest[key], types):
             problems.append(f"{key!r} is a {type(manifest[key]).__name__}")
+    for key in ("parent", "dataset"):
+        link = manifest.get(key)
+        if isinstance(link, dict):
+            problems += [f"{key}.{field} is {link[field]!r}, expected a string"
+                         for field in ("path", "abs_path", "sha256")
+                         if link.get(field) is not None and not isinstance(link[field], str)]
     if isinstance(manifest.get("files"), list):
         problems += _file_entry_problems(manifest["files"])
     if problems:

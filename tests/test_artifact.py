@@ -173,11 +173,15 @@ def test_a_hand_edited_manifest_of_the_wrong_shape_is_named(tmp_path, tiny_model
     ({"bytes": 1}, "files[1] has no 'name'"),
     ({"name": "x", "bytes": "12"}, "files[1].bytes is '12'"),
     (7, "files[1] is a int, expected an object"),
+    ({"path": 5, "sha256": "x"}, "parent.path is 5, expected a string"),
 ])
 def test_manifest_file_entries_stay_inside_the_artifact(tmp_path, entry, problem):
     _make(tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
-    manifest["files"].append(entry)
+    if problem.startswith("parent"):
+        manifest["parent"] = entry
+    else:
+        manifest["files"].append(entry)
     (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BadInput, match=re.escape(problem)):
         open_artifact(tmp_path / "m")

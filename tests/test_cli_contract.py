@@ -210,3 +210,28 @@ def test_onnx_runtime_log_lines_stay_off_stderr_unless_verbose(tmp_path):
         r = subprocess.run([sys.executable, "-c", script, verbosity], capture_output=True, text=True,
                            env={**os.environ, "NO_COLOR": "1"})
         assert r.returncode == 0 and ("Removing initializer" in r.stderr) == shown, r.stderr
+
+
+def test_the_readme_makefile_runs_from_an_empty_folder(tmp_path, tiny_model, tweets_rows):
+    """`make -f scripts/Makefile OUT=…` in a fresh folder: each -o's missing parents are
+    made (it stopped at its first step with "the output's parent folder does not exist")."""
+    import csv
+
+    repo = Path(__file__).resolve().parents[1]
+    by_label = {}
+    for text, label in tweets_rows:
+        by_label.setdefault(label, []).append(text)
+    with open(tmp_path / "reviews.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label")] + [(t, l) for l, ts in by_label.items() for t in ts[:40]])
+    work = tmp_path / "empty"
+    work.mkdir()
+    mk = str(Path(sys.executable).with_name("mk"))
+    r = subprocess.run(["make", "-f", str(repo / "scripts" / "Makefile"), "OUT=build/deep", f"MK={mk}",
+                        f"MODEL={tiny_model}", f"SOURCE={tmp_path / 'reviews.csv'}", "SAMPLE=",
+                        "TUNE_FLAGS=--epochs 1 --batch-size 16", "QUANT_FLAGS=--no-gate",
+                        "BENCH_FLAGS=--iters 2 --rounds 1 --warmup 1 --batch-sizes 1 --eval-limit 0"],
+                       cwd=work, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bench = json.loads((work / "build" / "deep" / "bench.json").read_text())
+    assert [a["name"] for a in bench["artifacts"]] == ["tuned", "onnx", "int8"]
+    assert sorted(os.listdir(work / "build" / "deep")) == ["bench.json", "data", "int8", "onnx", "tuned"]
