@@ -91,24 +91,16 @@ def test_mk_prep_force_keeps_a_folder_of_other_files(tmp_path, tweets_rows, mini
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["precious"]
 
 
-def test_a_folder_made_at_the_output_during_the_run_is_kept(tmp_path, swap):
+@pytest.mark.parametrize("notes", [["notes.txt"], []])  # even an empty folder is not replaced
+def test_a_folder_made_at_the_output_during_the_run_is_kept(tmp_path, swap, notes):
     out = tmp_path / "race"
     with pytest.raises(BadInput, match="changed while this run was writing"):
         with atomic_output(out) as tmp:
             (tmp / "result").write_text("mine")
             out.mkdir()
-            (out / "notes.txt").write_text("notes")
-    assert (out / "notes.txt").read_text() == "notes" and os.listdir(out) == ["notes.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["race"]
-
-
-def test_even_an_empty_folder_made_during_the_run_is_not_replaced(tmp_path, swap):
-    out = tmp_path / "race"
-    with pytest.raises(BadInput, match="changed while this run was writing"):
-        with atomic_output(out) as tmp:
-            (tmp / "result").write_text("mine")
-            out.mkdir()
-    assert out.is_dir() and os.listdir(out) == []
+            for name in notes:
+                (out / name).write_text("notes")
+    assert os.listdir(out) == notes and sorted(os.listdir(tmp_path)) == ["race"]
 
 
 def test_force_does_not_replace_what_was_swapped_in_during_the_run(tmp_path, swap):
