@@ -1,4 +1,4 @@
-"""Artifacts: directories with a manifest `mk.json`, written atomically.
+"""Artifacts: directories with a manifest `mk.json` (written atomically by `outputs`).
 
 Every step of mk reads one artifact and writes another. The manifest says what
 the artifact is (kind, format, task, labels), who made it from what (created_by,
