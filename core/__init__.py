@@ -3,8 +3,8 @@
 The layers, bottom up (a module imports only from its own layer or below):
 
 - the ground, in this folder: `errors` (the error type and exit codes),
-  `console` (stderr logging), `artifact` (folders with `mk.json`, atomic
-  writes), `dataset` (a dataset artifact's splits), `device`, `embedded`
+  `console` (stderr logging), `artifact` (folders with `mk.json`), `outputs`
+  (atomic writes that never replace what mk did not make), `dataset` (a dataset artifact's splits), `device`, `embedded`
   (the models and data that ship with mk), `tokenizer_match`, `info`;
 - `runtime/`: one interface to run a model artifact (torch, ONNX Runtime,
   TensorRT), chosen by its format;

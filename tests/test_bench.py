@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LABELS, copy_with_other_tokenizer, make_tiny_model, run_mk
+from mk.core.errors import BadInput
 
 ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
 FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup-calls", "2"]
@@ -256,8 +258,8 @@ def test_bad_options_exit_2_before_measuring(arts, tmp_path):
     for args, text in ((["--duration", "1", "--iters", "2"], "--duration and --iters"),
                        (["-o", str(tmp_path / "r.txt")], "unknown file type"),
                        # was "unexpected IsADirectoryError", exit 1, after measuring
-                       (["-o", str(tmp_path / "folder.json")], "is a folder"),
-                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is not a folder"),
+                       (["-o", str(tmp_path / "folder.json")], "already exists (a folder)"),
+                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is a file, not a folder"),
                        (["--batch-sizes", "0,8"], "--batch-sizes"),
                        (["--seq-lens", "abc"], "--seq-lens"),
                        (["--baseline", str(tmp_path / "none.json")], "--baseline"),
@@ -338,3 +340,43 @@ def test_old_warmup_spelling_still_works_and_says_so(arts):
     assert proc.returncode == 0, proc.stderr
     assert "--warmup is now --warmup-calls" in proc.stderr
     assert json.loads(proc.stdout)["settings"]["warmup"] == 2
+
+
+def _synthetic(names=("tuned", "int8"), throughput=100.0) -> dict:
+    return {"schema": "mk.bench/1", "mode": "offline",
+            "artifacts": [{"name": n, "accuracy": 0.9} for n in names],
+            "results": [{"artifact": n, "batch_size": 1, "seq_len": 128, "throughput": {"median": throughput},
+                         "latency_ms": {"p99": 10.0}} for n in names]}
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda b: b["results"][0]["throughput"].update(median="fast"), "results[0].throughput.median is 'fast'"),
+    (lambda b: b["results"][0].pop("artifact"), "results[0] has no 'artifact'"),
+    (lambda b: b["results"].__setitem__(1, 5), "results[1] is a int"),
+    (lambda b: b["results"][0].update(latency_ms=3), "results[0].latency_ms is 3"),
+    (lambda b: b["artifacts"][0].update(accuracy="high"), "artifacts[0] needs a name and a numeric accuracy"),
+])
+def test_a_malformed_baseline_is_exit_2_naming_the_field(tmp_path, edit, field):
+    from mk.core.measurement.bench_gate import load_baseline
+
+    base = _synthetic()
+    edit(base)
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    with pytest.raises(BadInput, match=re.escape(field)):
+        load_baseline(tmp_path / "b.json")
+
+
+def test_a_baseline_of_other_artifacts_is_not_matched_by_position():
+    from mk.core.measurement.bench_gate import compare, parse_renames
+
+    other = _synthetic(("their-model", "their-int8"), throughput=10.0)  # ten times slower: would "pass"
+    with pytest.raises(BadInput, match="no artifact and shape in common") as e:
+        compare(_synthetic(), other, 0.05)
+    assert "their-model" in e.value.message and "--baseline-as" in e.value.hint
+    verdict = compare(_synthetic(), other, 0.05, parse_renames("their-model=tuned"))
+    assert verdict["passed"] and verdict["checked"] == 3
+    assert verdict["unmatched"] == ["their-int8 at batch 1, seq 128", "int8 at batch 1, seq 128"]
+    with pytest.raises(BadInput, match="the baseline has no artifact nope"):
+        compare(_synthetic(), other, 0.05, parse_renames("nope=tuned"))
+    with pytest.raises(BadInput, match="BASELINE_NAME=NAME"):
+        parse_renames("tuned")

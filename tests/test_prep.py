@@ -551,3 +551,31 @@ def test_embedded_tweets_sample(tmp_path):
     assert result["labels"] == LABELS and sum(result["splits"].values()) == 300
     assert result["cleaning"]["rows_read"] == 38158  # read lossily: the file has stray non-UTF-8 bytes
     assert_stratified(result)
+
+
+def test_a_sample_larger_than_the_data_is_said_and_recorded_as_taken(tmp_path, rows, minilm_dir, caplog):
+    import logging
+
+    src = write_table(tmp_path / "d.csv", rows)
+    with caplog.at_level(logging.WARNING, logger="mk"):
+        run_prep(src, tmp_path / "out", minilm_dir, sample=1000)
+    assert "--sample 1000:" in caplog.text and "holds 60 rows after cleaning; keeping them all" in caplog.text
+    m = manifest(tmp_path / "out")
+    assert m["sample"] == 60 and m["sample_requested"] == 1000
+
+
+def test_a_huge_text_field_is_cut_before_tokenizing_without_changing_the_tokens(minilm_dir):
+    """The tokenizer encodes a whole text before truncating it: a 10 MB field took
+    1.5 GB. Texts reach it cut to CHARS_PER_TOKEN × max_length characters."""
+    from mk.core.data.prep import CHARS_PER_TOKEN, TextEncoder, load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    huge = " ".join(["lorem ipsum dolor sit amet"] * 40_000)  # 1 MB
+    encoder = TextEncoder(tok, 64)
+    seen = []
+    real = encoder.backend.encode_batch_fast
+    encoder.backend.encode_batch_fast = lambda inputs, **kw: seen.extend(map(len, inputs)) or real(inputs, **kw)
+    out, truncated = encoder.encode([huge, "short text"])
+    assert max(seen) == CHARS_PER_TOKEN * 64 < len(huge)
+    direct = tok(huge, truncation=True, max_length=64)["input_ids"]
+    assert out["input_ids"][0].tolist() == direct and truncated.tolist() == [True, False]

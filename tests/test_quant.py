@@ -150,7 +150,7 @@ def test_a_failed_gate_leaves_a_state_make_and_mk_agree_on(tmp_path, near_ties_p
         os.utime(out / name / "mk.json", (1_000_000 + age, 1_000_000 + age))
     teacher = _teacher_labelled(tmp_path, tiny_dataset, near_ties_parent)
     makefile = Path(__file__).resolve().parents[1] / "scripts" / "Makefile"
-    target = f"{out}/int8/gate-passed"
+    target = f"{out}/int8.gate-passed"
 
     def make(*args):
         return subprocess.run(["make", "-f", str(makefile), f"OUT={out}", f"MK={MK}", *args], cwd=tmp_path,
@@ -340,3 +340,26 @@ def test_settings_chosen_for_a_cpu_without_vnni_avoid_the_saturation_the_vnni_se
         # 7-bit weights: 255 · 64 · 2 < 32767, no pair clips, the same answers on both kinds of CPU
         assert rr_clips.clipped == 0 and np.array_equal(rr_on_avx2, rr_exact), method
         assert np.mean(rr_on_avx2 == fp32) >= 0.8, method  # what the agreement test asks of every CPU
+
+
+def test_calibration_is_capped_at_the_split_and_fed_in_chunks(tmp_path, onnx_parent, tiny_dataset, monkeypatch,
+                                                             caplog):
+    """ONNX Runtime holds every activation of the rows it is given: a --calib-size past
+    the split is capped (and said), and the rows reach it a batch at a time (the
+    histogram calibrators failed on a last, shorter batch)."""
+    import logging
+
+    from mk.core.compression import quantize as q
+
+    chunks = []
+    real = q.DatasetCalibrationReader.set_range
+    monkeypatch.setattr(q.DatasetCalibrationReader, "set_range",
+                        lambda self, start_index, end_index: chunks.append((start_index, end_index))
+                        or real(self, start_index, end_index))
+    with caplog.at_level(logging.WARNING, logger="mk"):
+        result = q.quantize(onnx_parent, tmp_path / "p", method="static", max_drop=100,
+                            settings=q.QuantSettings(method="static", calib_size=100_000, calib_method="percentile"))
+    calibration = result["quantization"]["calibration"]
+    assert "--calib-size 100000: the train split holds 120 rows" in caplog.text
+    assert calibration["rows"] == 120 and calibration["batches"] == 8 and calibration["rows_per_call"] == 16
+    assert chunks == [(i, i + 1) for i in range(8)]  # one batch per call, the last one shorter

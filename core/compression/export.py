@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
-from mk.core.console import log
+from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
+from mk.core.console import log, quiet_onnxruntime
 from mk.core.device import resolve_device
 from mk.core.errors import BadInput, GateFailed, MkError, first_line, library_error
+from mk.core.outputs import atomic_output, check_output
 from mk.core.tokenizer_match import check_same_tokenizer
 
 MIN_OPSET = 17
@@ -321,6 +322,7 @@ def optimize_transformer(src: Path, dst: Path, config: dict, fp16: bool = False,
     models; optionally fp16 with fp32 inputs and outputs kept. Returns fused-op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    quiet_onnxruntime()
     model_type = _ort_model_type(config)
     heads = config.get("num_attention_heads", 0)
     hidden = config.get("hidden_size", 0)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import atomic_output, check_output, write_manifest
+from mk.core.artifact import write_manifest
+from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
 from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
@@ -39,6 +40,12 @@ LENGTH_SAMPLE = 20_000   # texts tokenized to choose --max-length
 LENGTH_PERCENTILE = 95
 CHUNK_ROWS = 16_384      # rows read, tokenized and written at a time (bounds memory)
 ENCODE_BATCH = 4_096     # rows per call of the Rust tokenizer
+# Texts are cut to this many characters per token kept before tokenizing: the
+# tokenizer encodes a whole text before truncating it (a 10 MB field peaked at
+# 1.5 GB), and no token is longer than this (WordPiece maps a word over 100
+# characters to one [UNK]), so nothing within --max-length is lost.
+CHARS_PER_TOKEN = 128
+UNLIMITED_TOKENS = 8_192  # the cut of a tokenizer without a model_max_length
 IMAGE_BATCH = 64
 POOL = -1                # a row whose split is still to be carved out by --split
 
@@ -148,15 +155,17 @@ class TextEncoder:
         else:
             self.backend.no_truncation()
         self.max_length = max_length
+        self.max_chars = CHARS_PER_TOKEN * (max_length or _model_limit(tok) or UNLIMITED_TOKENS)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.left = getattr(tok, "padding_side", "right") == "left"
 
     def _encode(self, texts: list[str], pairs: list[str] | None):
         """Encodings in batches of ENCODE_BATCH: long enough to keep every core busy,
         short enough that the Encoding objects (tens of bytes a token) stay small."""
+        cut = self.max_chars
         for i in range(0, len(texts), ENCODE_BATCH):
-            part = texts[i:i + ENCODE_BATCH]
-            inputs = part if pairs is None else list(zip(part, pairs[i:i + ENCODE_BATCH]))
+            part = [t[:cut] for t in texts[i:i + ENCODE_BATCH]]
+            inputs = part if pairs is None else list(zip(part, (t[:cut] for t in pairs[i:i + ENCODE_BATCH])))
             yield i, self.backend.encode_batch_fast(inputs, add_special_tokens=True)
 
     def lengths(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
@@ -352,6 +361,8 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
         take = _stratified_take(groups, opts.sample, rng)
         counts["sampled_out"] = int(len(label) - take.size)
         src, row, label, split = src[take], row[take], label[take], split[take]
+    elif opts.sample is not None:
+        log.warning("--sample %d: %s holds %d rows after cleaning; keeping them all", opts.sample, what, len(label))
     # Carve the splits not given from the training pool, stratified by label.
     targets = [0] + [s for s in (1, 2) if s not in given]
     pool = np.flatnonzero(split <= 0)
@@ -666,7 +677,9 @@ def _plan_fields(plan, opts: PrepOptions) -> dict:
     """What the manifest says of labels, splits and cleaning, for text and images alike."""
     return {"labels": plan.names, "splits": plan.counts(), "label_counts": plan.label_counts(),
             "cleaning": plan.cleaning, "split_fractions": list(opts.split), "seed": opts.seed,
-            "sample": opts.sample}
+            # the rows the sample holds, which is fewer than asked when the data is smaller
+            "sample": None if opts.sample is None else sum(plan.counts().values()),
+            "sample_requested": opts.sample}
 
 
 def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what: str) -> dict:

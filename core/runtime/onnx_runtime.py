@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mk.core.artifact import Artifact
+from mk.core.console import quiet_onnxruntime
 from mk.core.device import check_device
 from mk.core.errors import BadInput, library_error
 
@@ -42,7 +43,7 @@ def open_session(path, device: str = "auto", threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = quiet_onnxruntime()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, atomic_output, check_output, open_artifact, write_manifest
+from mk.core.artifact import Artifact, open_artifact, write_manifest
+from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import load_split, num_rows, open_dataset, trim_padding
 from mk.core.errors import INTERRUPTED, BadInput, MkError
@@ -344,6 +345,21 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _foreign_in_checkpoint_dir(ckpt: Path) -> str | None:
+    """What at OUT.ckpt mk tune did not write (it is removed when a run starts over or ends)."""
+    from mk.core.outputs import describe
+
+    what = describe(ckpt)
+    if what is None:
+        return None
+    if what != "a folder":
+        return what
+    ours = {CKPT_NAME, BEST_NAME, LOG_NAME}
+    foreign = sorted(p.name for p in ckpt.iterdir()
+                     if p.name not in ours and not p.name.startswith((f"{CKPT_NAME}.tmp-", f"{BEST_NAME}.tmp-")))
+    return f"files mk did not write ({', '.join(foreign[:3])})" if foreign else None
+
+
 def load_checkpoint(ckpt: Path) -> dict:
     import torch
 
@@ -406,8 +422,8 @@ class Trainer:
         self.ckpt = checkpoint_dir(self.out)
         self._resumed_at = None
         check_output(self.out, force)
-        if self.ckpt.exists() and not self.ckpt.is_dir():
-            raise BadInput(f"{self.ckpt}: is a file, where mk tune keeps its checkpoints",
+        if foreign := _foreign_in_checkpoint_dir(self.ckpt):
+            raise BadInput(f"{self.ckpt}: is where mk tune keeps its checkpoints, and holds {foreign}",
                            hint="move it away, or choose another -o")
         self.dataset = open_dataset(data)
         self.base = open_artifact(model, kind="model")
