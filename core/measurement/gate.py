@@ -109,6 +109,6 @@ def describe(v: Verdict) -> str:
     """One line for stderr."""
     interval = f"{v.confidence:.0%} interval [{v.interval_points[0]:.2f}, {v.interval_points[1]:.2f}]"
     return (f"accuracy on {v.rows} test rows: parent {100 * v.parent_accuracy:.2f}%, child {100 * v.accuracy:.2f}% "
-            f"(drop {v.drop_points:.2f} points, {interval}; {v.worse} answers worse, {v.better} better, "
+            f"(drop {v.drop_points:.2f} points, {interval}; answers {v.worse} worse, {v.better} better; "
             f"McNemar exact p {v.mcnemar_p:.3g}); allowed {v.max_drop_points:g} "
             + ("(judged on the interval)" if v.test == "paired" else "(judged on the observed drop)"))
