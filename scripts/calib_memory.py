@@ -20,25 +20,27 @@ from pathlib import Path
 
 
 def calibrate(onnx_dir: str, dataset: str, rows: int, method: str, per_batch: bool) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     from mk.core.artifact import open_artifact
-    from mk.core.compression.quantize import DatasetCalibrationReader
-    from mk.core.console import quiet_onnxruntime
+    from mk.core.compression.quantize import DatasetCalibrationReader, QuantSettings, quantize_file
     from mk.core.dataset import load_split
 
-    quiet_onnxruntime()
+    class OneCall(DatasetCalibrationReader):
+        """Every batch in a single collect_data call: ONNX Runtime's behaviour without the stride."""
+
+        def __len__(self):
+            return 1
+
+        def set_range(self, start_index, end_index):
+            self.rewind()
+
+    art = open_artifact(onnx_dir)
     split = load_split(open_artifact(dataset), "train", limit=rows)
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    reader = DatasetCalibrationReader(split, names, rows, 16)
-    extra = {"CalibTensorRangeSymmetric": False, **({"CalibStridedMinMax": 1} if per_batch else {})}
+    reader = (DatasetCalibrationReader if per_batch else OneCall)(split, names, rows, 16)
+    settings = QuantSettings(method="static", calib_method=method, calib_size=reader.rows)
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_static(f"{onnx_dir}/model.onnx", f"{tmp}/q.onnx", reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                          "percentile": CalibrationMethod.Percentile}[method],
-                        extra_options=extra)
-    return {"rows": reader.rows, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        quantize_file(art.path / "model.onnx", Path(tmp) / "model.onnx", settings, art.config(), reader, Path(tmp))
+    return {"rows": reader.rows, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import run_mk
+from conftest import run_mk, write_labelled_csv
 from mk.cli.main import app
 from mk.core.artifact import write_manifest
 
@@ -215,14 +215,8 @@ def test_onnx_runtime_log_lines_stay_off_stderr_unless_verbose(tmp_path):
 def test_the_readme_makefile_runs_from_an_empty_folder(tmp_path, tiny_model, tweets_rows):
     """`make -f scripts/Makefile OUT=…` in a fresh folder: each -o's missing parents are
     made (it stopped at its first step with "the output's parent folder does not exist")."""
-    import csv
-
     repo = Path(__file__).resolve().parents[1]
-    by_label = {}
-    for text, label in tweets_rows:
-        by_label.setdefault(label, []).append(text)
-    with open(tmp_path / "reviews.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("text", "label")] + [(t, l) for l, ts in by_label.items() for t in ts[:40]])
+    write_labelled_csv(tmp_path / "reviews.csv", tweets_rows, 40)
     work = tmp_path / "empty"
     work.mkdir()
     mk = str(Path(sys.executable).with_name("mk"))

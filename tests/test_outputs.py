@@ -3,7 +3,6 @@ rename, stale temporaries, missing parent folders, file outputs."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_labelled_csv
 from mk.cli.main import app
 from mk.core import outputs
 from mk.core.artifact import write_manifest
@@ -78,9 +78,7 @@ def test_force_refuses_everything_but_an_mk_artifact_or_an_empty_folder(tmp_path
 
 
 def test_mk_prep_force_keeps_a_folder_of_other_files(tmp_path, tweets_rows, minilm_dir):
-    src = tmp_path / "data.csv"
-    with open(src, "w", newline="") as f:
-        csv.writer(f).writerows([("text", "label"), *tweets_rows[:60]])
+    src = write_labelled_csv(tmp_path / "data.csv", tweets_rows, 20)
     (tmp_path / "out" / "precious").mkdir(parents=True)
     (tmp_path / "out" / "precious" / "thesis.txt").write_text("draft")
     r = runner.invoke(app, ["prep", str(src), "--tokenizer", str(minilm_dir),
@@ -245,3 +243,17 @@ def test_bench_outputs_keep_a_file_mk_did_not_write(tmp_path):
     assert json.loads(target.read_text()) == result
     write_output(result, tmp_path / "new" / "deep" / "r.json")  # missing parents are made
     assert (tmp_path / "new" / "deep" / "r.json").is_file()
+
+
+def test_two_mk_prep_started_together_one_wins_the_other_says_so(tmp_path, tweets_rows, minilm_dir):
+    src = write_labelled_csv(tmp_path / "data.csv", tweets_rows, 30)
+    mk = os.path.join(os.path.dirname(sys.executable), "mk")
+    args = [mk, "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(tmp_path / "out" / "x")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, _, err in results if code == 2)
+    assert "another process" in loser or "changed while this run was writing" in loser, loser
+    assert json.loads((tmp_path / "out" / "x" / "mk.json").read_text())["kind"] == "dataset"
+    assert os.listdir(tmp_path / "out") == ["x"]
