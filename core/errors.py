@@ -87,6 +87,7 @@ def library_error(e: BaseException, where, action: str, code: int = BAD_INPUT) -
         return e
     entry = _library_entry(e)
     if entry is None:
-        return MkError(f"{where}: {action} ({type(e).__name__}: {first_line(e)})", code=code)
-    row_code, hint = entry
-    return MkError(f"{where}: {action} ({first_line(e)})", hint=hint, code=row_code)
+        message, hint = f"{where}: {action} ({type(e).__name__}: {first_line(e)})", None
+    else:
+        (code, hint), message = entry, f"{where}: {action} ({first_line(e)})"
+    return BadInput(message, hint) if code == BAD_INPUT else MkError(message, hint, code)

@@ -223,9 +223,9 @@ def test_the_readme_makefile_runs_from_an_empty_folder(tmp_path, tiny_model, twe
     r = subprocess.run(["make", "-f", str(repo / "scripts" / "Makefile"), "OUT=build/deep", f"MK={mk}",
                         f"MODEL={tiny_model}", f"SOURCE={tmp_path / 'reviews.csv'}", "SAMPLE=",
                         "TUNE_FLAGS=--epochs 1 --batch-size 16", "QUANT_FLAGS=--no-gate",
-                        "BENCH_FLAGS=--iters 2 --rounds 1 --warmup 1 --batch-sizes 1 --eval-limit 0"],
+                        "BENCH_FLAGS=--iters 2 --rounds 1 --warmup-calls 1 --batch-sizes 1 --eval-limit 0"],
                        cwd=work, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     bench = json.loads((work / "build" / "deep" / "bench.json").read_text())
     assert [a["name"] for a in bench["artifacts"]] == ["tuned", "onnx", "int8"]
-    assert sorted(os.listdir(work / "build" / "deep")) == ["bench.json", "data", "int8", "onnx", "tuned"]
+    assert sorted(os.listdir(work / "build" / "deep")) == ["bench.json", "data", "int8", "int8.gate-passed", "onnx", "tuned"]

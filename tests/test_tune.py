@@ -242,7 +242,7 @@ def test_output_under_a_file_or_a_file_named_like_the_checkpoint_is_bad_usage(ti
     with pytest.raises(BadInput, match="parent is a file"):
         _tune(tiny_dataset, tiny_model, tmp_path / "afile" / "t", max_steps=1)
     (tmp_path / "t.ckpt").write_text("x")
-    with pytest.raises(BadInput, match="t.ckpt: is a file"):
+    with pytest.raises(BadInput, match="t.ckpt: is where mk tune keeps its checkpoints, and holds a file"):
         _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1)
 
 
