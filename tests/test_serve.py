@@ -255,22 +255,22 @@ def test_concurrent_requests_are_batched(server, tweets_rows):
 
 
 def test_overload_gives_503_and_the_server_recovers(served_model, tweets_rows):
-    url, proc = start(served_model, "--max-queue", "1", "--max-batch-size", "1", "--max-wait-ms", "0")
+    # a queue of one request of 64 inputs: while one runs and one waits, the others are refused
+    url, proc = start(served_model, "--max-queue", "64", "--max-batch-size", "64", "--max-wait-ms", "0")
     try:
-        long = [" ".join(t for t, _ in tweets_rows[i:i + 6]) for i in range(32)]
-        codes = _load(url, "tiny-onnx", long, clients=32, per_client=4)
+        body = {"inputs": [texts_tensor("text", [" ".join(t for t, _ in tweets_rows[i:i + 6]) for i in range(64)])]}
+
+        def one(_):
+            with httpx.Client(timeout=60) as c:
+                return [c.post(f"{url}/v2/models/tiny-onnx/infer", json=body) for _ in range(3)]
+        with ThreadPoolExecutor(32) as pool:
+            answers = [r for rs in pool.map(one, range(32)) for r in rs]
+        codes = [r.status_code for r in answers]
         assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
-        r = httpx.post(f"{url}/predict", json={"inputs": "x"})
-        assert r.status_code == 200
-        with httpx.Client() as c:  # a refusal says when to come back
-            refused = None
-            for _ in range(3):
-                with ThreadPoolExecutor(32) as pool:
-                    rs = list(pool.map(lambda t: c.post(f"{url}/predict", json={"inputs": [t] * 4}), long))
-                refused = next((r for r in rs if r.status_code == 503), None)
-                if refused:
-                    break
-            assert refused is not None and refused.headers["Retry-After"] == "1" and "overloaded" in refused.text
+        refused = next(r for r in answers if r.status_code == 503)
+        assert refused.headers["Retry-After"] == "1" and "overloaded" in refused.json()["error"]
+        assert httpx.post(f"{url}/v2/models/tiny-onnx/infer", json=body, timeout=60).status_code == 200
+        assert httpx.post(f"{url}/predict", json={"inputs": "x"}).status_code == 200
     finally:
         assert stop(proc)[0] == 0
 
