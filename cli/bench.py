@@ -81,6 +81,7 @@ def bench(
         "--model-name", help="HTTP: the served model's name.  [default: asked of the server]")] = None,
     wait: Annotated[float, typer.Option(
         "--wait", min=0, help="HTTP: seconds to wait for the server to answer ready before exit 1.")] = 10.0,
+    api_key: options.ApiKey = None,
     output: Annotated[Optional[Path], typer.Option(
         "-o", "--output", help="Save results: .csv or .parquet (a row per artifact and shape), .json (all).")
     ] = None,
@@ -148,8 +149,7 @@ def bench(
                            hint="run `mk bench --url` once per length")
         result = http_bench.run(url, parse_ints(concurrency, "--concurrency"), duration, iters,
                                 parse_ints(batch_sizes if batch_sizes is not None else "1", "--batch-sizes"),
-                                seqs[0], data=data,
-                                model=model_name, wait=wait, seed=seed)
+                                seqs[0], data=data, model=model_name, wait=wait, seed=seed, api_key=api_key)
     else:
         from mk.core.measurement import bench as core_bench
 

@@ -23,6 +23,11 @@ Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdou
 TrustPickle = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow pickled checkpoints (pytorch_model.bin); they can run code when loaded.")]
 
+ApiKey = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="MK_API_KEY", show_envvar=True, show_default=False,
+    help="The server's key, sent as `Authorization: Bearer KEY` (mk serve checks it on every route but health "
+         "and metrics).")]
+
 
 Confidence = Annotated[float, typer.Option(
     "--confidence", help="How sure the accuracy gate must be that the drop exceeds --max-drop before it fails "

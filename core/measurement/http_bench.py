@@ -1,22 +1,21 @@
 """`mk bench --url URL`: load-test a server that speaks the KServe v2 protocol.
 
-Per concurrency level, that many workers each keep one keep-alive connection
-and send requests back to back for `--duration` seconds (or until `--iters`
-requests in all); achieved throughput, latency percentiles and the error rate
-are reported. Only the host in URL is contacted, redirects are not followed,
-and every wait is bounded: the readiness wait (`--wait`), each request
-(`timeout`), and each level (duration + timeout).
+Per concurrency level, that many clients (httpx, one event loop, keep-alive
+connections) send requests back to back for `--duration` seconds (or until
+`--iters` requests in all); achieved throughput, latency percentiles and the
+error rate are reported. With `--data`, a server that takes text (`mk serve`
+declares a BYTES `text` input) gets the test split's texts; otherwise token ids
+of the test split, or synthetic ids drawn within the served model's vocabulary.
+Only the host in URL is contacted, redirects are not followed, and every wait
+is bounded: the readiness wait (`--wait`), each request (`timeout`), and each
+level (duration + timeout).
 """
 
 from __future__ import annotations
 
-import http.client
-import itertools
+import asyncio
 import json
-import socket
-import threading
 import time
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -27,176 +26,159 @@ from mk.core.console import log, progress
 from mk.core.errors import BadInput, MkError
 
 MAX_REQUESTS = 1_000_000  # per level, when only --duration bounds it
+FALLBACK_VOCAB = 1000     # ids drawn below this when the server does not state its vocabulary
 
 
-@dataclass
-class Target:
-    scheme: str
-    host: str
-    port: int
-    prefix: str
-
-    @classmethod
-    def parse(cls, url: str) -> "Target":
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in ("http", "https"):
-            raise BadInput(f"--url {url}: only http:// and https:// are supported")
-        if not parts.hostname:
-            raise BadInput(f"--url {url}: no host")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise BadInput(f"--url {url}: bad port") from None
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
-
-    def connection(self, timeout: float):
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.prefix}"
+def base_url(url: str) -> str:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https"):
+        raise BadInput(f"--url {url}: only http:// and https:// are supported")
+    if not parts.hostname:
+        raise BadInput(f"--url {url}: no host")
+    try:
+        parts.port
+    except ValueError:
+        raise BadInput(f"--url {url}: bad port") from None
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-class Client:
-    """One keep-alive connection to the target; reconnects after a failure."""
+def client(url: str, timeout: float, api_key: str | None, connections: int = 1):
+    import httpx
 
-    def __init__(self, target: Target, timeout: float):
-        self.target, self.timeout = target, timeout
-        self.conn = None
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        for attempt in (0, 1):
-            reused = self.conn is not None
-            if self.conn is None:
-                self.conn = self.target.connection(self.timeout)
-            try:
-                headers = {"Content-Type": "application/json"} if body is not None else {}
-                self.conn.request(method, self.target.prefix + path, body=body, headers=headers)
-                resp = self.conn.getresponse()
-                data = resp.read()
-                if resp.will_close:
-                    self.close()
-                return resp.status, data
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()
-                if attempt or not reused:  # a fresh connection failed: a real error
-                    raise
-            except BaseException:
-                self.close()
-                raise
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return httpx.Client(base_url=url, timeout=timeout, headers=headers, follow_redirects=False,
+                        limits=httpx.Limits(max_connections=connections))
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, (socket.timeout, TimeoutError)):
+    import httpx
+
+    if isinstance(e, httpx.ConnectError):
+        return "connection refused" if "refused" in str(e).lower() else f"cannot connect ({e})"
+    if isinstance(e, httpx.TimeoutException):
         return "timed out"
-    if isinstance(e, socket.gaierror):
-        return f"cannot resolve the host ({e.strerror})"
     return f"{type(e).__name__}: {e}"
 
 
-def wait_ready(target: Target, wait: float) -> None:
+def wait_ready(url: str, wait: float, api_key: str | None) -> None:
     """Poll /v2/health/ready until 200, for at most `wait` seconds; exit 1 after."""
+    import httpx
+
     deadline = time.monotonic() + wait
     last = "no answer"
     while True:
         remaining = deadline - time.monotonic()
-        client = Client(target, timeout=max(0.2, min(2.0, remaining)))
-        try:
-            status, _ = client.request("GET", "/v2/health/ready")
-            if status == 200:
-                return
-            last = f"not ready (HTTP {status} from /v2/health/ready)"
-        except (OSError, http.client.HTTPException) as e:
-            last = _reason(e)
-        finally:
-            client.close()
+        with client(url, max(0.2, min(2.0, remaining)), api_key) as c:
+            try:
+                status = c.get("/v2/health/ready").status_code
+                if status == 200:
+                    return
+                last = f"not ready (HTTP {status} from /v2/health/ready)"
+            except httpx.HTTPError as e:
+                last = _reason(e)
         if time.monotonic() + 0.2 >= deadline:
-            raise MkError(f"{target}: no answer after {wait:g} s ({last})",
+            raise MkError(f"{url}: no answer after {wait:g} s ({last})",
                           hint="is the server running? start one with `mk serve MODEL --port N`; "
                                "--wait S waits longer")
         time.sleep(0.2)
 
 
-def _get_json(client: Client, path: str) -> tuple[int, dict | None]:
-    status, data = client.request("GET", path)
+def _get_json(c, path: str) -> tuple[int, dict | None]:
+    r = c.get(path)
     try:
-        return status, json.loads(data)
+        return r.status_code, r.json()
     except ValueError:
-        return status, None
+        return r.status_code, None
 
 
-def discover_model(target: Target, name: str | None, timeout: float) -> tuple[str, dict]:
+def discover_model(url: str, name: str | None, timeout: float, api_key: str | None) -> tuple[str, dict]:
     """The model's name (given, else from GET /v2 `models` or Triton's repository
     index) and its v2 metadata."""
-    client = Client(target, timeout)
-    try:
-        if not name:
-            status, meta = _get_json(client, "/v2")
-            models = (meta or {}).get("models") if status == 200 else None
-            if not models:
-                st, index = client.request("POST", "/v2/repository/index", b"{}")
-                try:
-                    models = [m["name"] for m in json.loads(index) if m.get("state", "READY") == "READY"]
-                except (ValueError, TypeError, KeyError):
-                    models = None
-            if not models:
-                raise BadInput(f"{target}: the server does not say which models it serves",
-                               hint="pass --model-name NAME")
-            if len(models) > 1:
-                log.info("the server serves %s; measuring %s (--model-name chooses)", ", ".join(models), models[0])
-            name = models[0]
-        status, meta = _get_json(client, f"/v2/models/{name}")
-        if status != 200 or not isinstance(meta, dict):
-            raise BadInput(f"{target}: no model {name!r} there (HTTP {status})", hint="check --model-name")
-        return name, meta
-    except (OSError, http.client.HTTPException) as e:
-        raise MkError(f"{target}: {_reason(e)} while reading the model's metadata") from None
-    finally:
-        client.close()
+    import httpx
+
+    with client(url, timeout, api_key) as c:
+        try:
+            status, meta = _get_json(c, "/v2")
+            if status == 401:
+                raise BadInput(f"{url}: the server wants an API key (HTTP 401)",
+                               hint="pass --api-key KEY or set MK_API_KEY")
+            if not name:
+                models = (meta or {}).get("models") if status == 200 else None
+                if not models:
+                    try:
+                        index = c.post("/v2/repository/index", content=b"{}").json()
+                        models = [m["name"] for m in index if m.get("state", "READY") == "READY"]
+                    except (ValueError, TypeError, KeyError, AttributeError):
+                        models = None
+                if not models:
+                    raise BadInput(f"{url}: the server does not say which models it serves",
+                                   hint="pass --model-name NAME")
+                if len(models) > 1:
+                    log.info("the server serves %s; measuring %s (--model-name chooses)", ", ".join(models), models[0])
+                name = models[0]
+            status, meta = _get_json(c, f"/v2/models/{name}")
+        except httpx.HTTPError as e:
+            raise MkError(f"{url}: {_reason(e)} while reading the model's metadata") from None
+    if status != 200 or not isinstance(meta, dict):
+        raise BadInput(f"{url}: no model {name!r} there (HTTP {status})", hint="check --model-name")
+    return name, meta
 
 
-def request_bodies(meta: dict, batch: int, data_split: dict | None, seq: int, seed: int,
+def test_texts(dataset, split: dict) -> tuple[list[str], list[str] | None]:
+    """The test split's texts, decoded from its token ids with the dataset's own
+    tokenizer (a dataset artifact keeps ids, not the raw strings); pairs apart."""
+    from mk.core.tokenizer_match import load_tokenizer
+
+    tok = load_tokenizer(dataset.path)
+    ids, mask = split["input_ids"], split["attention_mask"].astype(bool)
+    types = split.get("token_type_ids")
+    if types is None or not types[mask].any():
+        return tok.batch_decode([r[m] for r, m in zip(ids, mask)], skip_special_tokens=True), None
+    first = tok.batch_decode([r[m & (t == 0)] for r, m, t in zip(ids, mask, types)], skip_special_tokens=True)
+    second = tok.batch_decode([r[m & (t == 1)] for r, m, t in zip(ids, mask, types)], skip_special_tokens=True)
+    return first, second
+
+
+def _tensor(name: str, arr) -> dict:
+    if isinstance(arr, list):
+        return {"name": name, "shape": [len(arr)], "datatype": "BYTES", "data": arr}
+    return {"name": name, "shape": list(arr.shape), "datatype": "INT64", "data": arr.astype(np.int64).reshape(-1).tolist()}
+
+
+def request_bodies(meta: dict, batch: int, data_split: dict | None, texts, seq: int, seed: int,
                    limit: int = 256) -> tuple[list[bytes], list[np.ndarray | None]]:
-    """Encoded v2 infer requests of real test rows (cycled) or synthetic tokens,
-    and the labels each holds (for accuracy), in the datatypes the model declares."""
-    declared = {i["name"]: i.get("datatype", "INT64") for i in meta.get("inputs", [])}
-    if declared and "input_ids" not in declared:
-        raise BadInput(f"the model takes inputs {sorted(declared)}; mk bench sends input_ids and attention_mask",
-                       hint="this server's model is not a text classifier in the form mk serves")
-    optional = {i["name"] for i in meta.get("inputs", []) if i.get("optional")}
-    if data_split is not None:
+    """Encoded v2 infer requests of real test rows (texts when the server takes
+    them, else token ids; cycled) or synthetic ids within the served vocabulary,
+    and the labels each holds (for accuracy)."""
+    declared = {i["name"] for i in meta.get("inputs", [])}
+    if declared and "input_ids" not in declared and "text" not in declared:
+        raise BadInput(f"the model takes inputs {sorted(declared)}; mk bench sends text or input_ids",
+                       hint="this server's model is not a text classifier in the form mk serve serves")
+    if data_split is None:
+        vocab = (meta.get("parameters") or {}).get("vocab_size")
+        if not isinstance(vocab, int) or vocab < 2:
+            log.warning("the server does not state its vocabulary size: synthetic ids are drawn below %d",
+                        FALLBACK_VOCAB)
+            vocab = FALLBACK_VOCAB
+        b = synthetic_batch(batch, seq, vocab, seed)
+        return [json.dumps({"inputs": [_tensor(k, b[k]) for k in ("input_ids", "attention_mask")]}).encode()], [None]
+    n = len(data_split["labels"])
+    count = min(limit, max(1, -(-n // batch)))
+    rows = [np.arange(i * batch, (i + 1) * batch) % n for i in range(count)]
+    labels = [data_split["labels"][r] for r in rows]
+    if texts is not None and "text" in declared:
+        first, second = texts
+        bodies = [{"inputs": [_tensor("text", [first[j] for j in r])]
+                   + ([_tensor("text_pair", [second[j] for j in r])] if second is not None else [])} for r in rows]
+    else:
         from mk.core.measurement.bench import data_batches
 
-        n = len(data_split["labels"])
-        batches = data_batches(data_split, batch, limit=min(limit, max(1, -(-n // batch))))
-        labels = [data_split["labels"][(np.arange(i * batch, (i + 1) * batch) % n)] for i in range(len(batches))]
-    else:
-        batches, labels = [synthetic_batch(batch, seq, 2000, seed)], [None]
-    # input_ids and attention_mask always; token_type_ids when the data has them, or as zeros where required
-    tt_required = "token_type_ids" in declared and "token_type_ids" not in optional
-    tt_have = "token_type_ids" in batches[0] and (not declared or "token_type_ids" in declared)
-    send = ["input_ids", "attention_mask"] + (["token_type_ids"] if tt_required or tt_have else [])
-    bodies = []
-    for b in batches:
-        inputs = []
-        for k in send:
-            arr = b[k] if k in b else np.zeros_like(b["input_ids"])
-            dtype = declared.get(k, "INT64")
-            if dtype not in ("INT64", "INT32"):
-                dtype = "INT64"
-            inputs.append({"name": k, "shape": list(arr.shape), "datatype": dtype,
-                           "data": arr.astype(np.int64).reshape(-1).tolist()})
-        bodies.append(json.dumps({"inputs": inputs}).encode())
-    return bodies, labels
+        bodies = [{"inputs": [_tensor(k, v) for k, v in b.items() if k in ("input_ids", "attention_mask",
+                                                                            "token_type_ids")]}
+                  for b in data_batches(data_split, batch, limit=count)]
+    return [json.dumps(b).encode() for b in bodies], labels
 
 
 def _predicted(data: bytes) -> np.ndarray | None:
@@ -213,86 +195,79 @@ def _predicted(data: bytes) -> np.ndarray | None:
     return None
 
 
-def run_level(target: Target, path: str, bodies: list[bytes], labels: list, concurrency: int,
-              duration: float, max_requests: int, timeout: float) -> dict:
-    counter = itertools.count()
-    lock = threading.Lock()
+def _error_text(status: int, data: bytes) -> str:
+    try:
+        msg = json.loads(data).get("error", "")
+    except (ValueError, AttributeError):
+        msg = data[:200].decode(errors="replace")
+    return f"HTTP {status}: {msg}"
+
+
+async def _level(url: str, path: str, bodies: list[bytes], labels: list, concurrency: int, duration: float,
+                 max_requests: int, timeout: float, api_key: str | None) -> dict:
+    import httpx
+
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    sent = [0]
     ok_lat: list[float] = []
     errors: list[str] = []
     correct = [0, 0]
     stop_at = time.perf_counter() + duration
 
-    def worker():
-        client = Client(target, timeout)
-        try:
-            while time.perf_counter() < stop_at:
-                i = next(counter)
-                if i >= max_requests:
-                    break
-                body = bodies[i % len(bodies)]
-                t0 = time.perf_counter()
-                try:
-                    status, data = client.request("POST", path, body)
-                except (OSError, http.client.HTTPException) as e:
-                    with lock:
-                        errors.append(_reason(e))
-                    time.sleep(0.01)  # a refusing server is not hammered in a tight loop
-                    continue
-                t = time.perf_counter() - t0
-                if status != 200:
-                    try:
-                        msg = json.loads(data).get("error", "")
-                    except (ValueError, AttributeError):
-                        msg = data[:200].decode(errors="replace")
-                    with lock:
-                        errors.append(f"HTTP {status}: {msg}")
-                    continue
-                y = labels[i % len(labels)]
-                hit = None
-                if y is not None and (pred := _predicted(data)) is not None and len(pred) == len(y):
-                    hit = int((pred == y).sum())
-                with lock:
-                    ok_lat.append(t)
-                    if hit is not None:
-                        correct[0] += hit
-                        correct[1] += len(y)
-        finally:
-            client.close()
+    async def worker(c):
+        while time.perf_counter() < stop_at and sent[0] < max_requests:
+            i = sent[0]
+            sent[0] += 1
+            t0 = time.perf_counter()
+            try:
+                r = await c.post(path, content=bodies[i % len(bodies)])
+            except httpx.HTTPError as e:
+                errors.append(_reason(e))
+                await asyncio.sleep(0.01)  # a refusing server is not hammered in a tight loop
+                continue
+            t = time.perf_counter() - t0
+            if r.status_code != 200:
+                errors.append(_error_text(r.status_code, r.content))
+                continue
+            ok_lat.append(t)
+            y = labels[i % len(labels)]
+            if y is not None and (pred := _predicted(r.content)) is not None and len(pred) == len(y):
+                correct[0] += int((pred == y).sum())
+                correct[1] += len(y)
 
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     t_start = time.perf_counter()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:  # bounded: no new request after stop_at, each at most `timeout`
-        if stop_at == float("inf"):  # bounded by the request count instead
-            t.join()
-        else:
-            t.join(timeout=max(0.0, stop_at - time.perf_counter()) + timeout + 5)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers, limits=limits) as c:
+        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
     elapsed = time.perf_counter() - t_start
-    with lock:
-        n_ok, n_err = len(ok_lat), len(errors)
-        lat = list(ok_lat)
-        first_error = errors[0] if errors else None
-        acc = correct[0] / correct[1] if correct[1] else None
+    n_ok, n_err = len(ok_lat), len(errors)
     total = n_ok + n_err
+    acc = correct[0] / correct[1] if correct[1] else None
     return {"requests": total, "ok": n_ok, "errors": n_err,
             "error_rate": round(n_err / total, 4) if total else 1.0,
             "duration_s": round(elapsed, 3),
             "throughput_rps": round(n_ok / elapsed, 3) if elapsed else None,
-            "latency_ms": percentiles(lat), "accuracy": None if acc is None else round(acc, 4),
-            "first_error": first_error}
+            "latency_ms": percentiles(ok_lat), "accuracy": None if acc is None else round(acc, 4),
+            "first_error": errors[0] if errors else None}
+
+
+def run_level(url: str, path: str, bodies: list[bytes], labels: list, concurrency: int, duration: float,
+              max_requests: int, timeout: float, api_key: str | None = None) -> dict:
+    return asyncio.run(_level(url, path, bodies, labels, concurrency, duration, max_requests, timeout, api_key))
 
 
 def run(url: str, concurrency: list[int], duration: float | None, iters: int | None,
         batch_sizes: list[int], seq: int, data=None, model: str | None = None, wait: float = 10.0,
-        timeout: float = 30.0, seed: int = 0) -> dict:
+        timeout: float = 30.0, seed: int = 0, api_key: str | None = None) -> dict:
     """Drive the server at each concurrency level; return the `mk.bench/1` result (mode http)."""
-    target = Target.parse(url)
+    url = base_url(url)
     duration = 10.0 if duration is None and iters is None else duration
-    log.info("waiting for %s to be ready (at most %g s)", target, wait)
-    wait_ready(target, wait)
-    name, meta = discover_model(target, model, timeout)
-    # limits the server states in its metadata (mk serve does): every request past them would be a 400
+    log.info("waiting for %s to be ready (at most %g s)", url, wait)
+    wait_ready(url, wait, api_key)
+    name, meta = discover_model(url, model, timeout, api_key)
+    # limits the server states in its metadata (mk serve does): every request past them would be refused
     params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
     max_seq, max_batch = params.get("max_sequence_length"), params.get("max_batch_size")
     if data is None and isinstance(max_seq, int) and seq > max_seq:
@@ -300,13 +275,15 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
                        hint=f"use --seq-lens {max_seq} or less")
     if isinstance(max_batch, int) and max(batch_sizes) > max_batch:
         raise BadInput(f"--batch-sizes {max(batch_sizes)}: over the server's limit of {max_batch} per request")
-    split, dataset_path, score = None, None, True
+    split, texts, dataset_path, score = None, None, None, True
     if data is not None:
         from mk.core.dataset import load_split, open_dataset
 
         ds = open_dataset(data)
         split, dataset_path = load_split(ds, "test"), str(ds.path)
-        served = (meta.get("parameters") or {}).get("labels")
+        if any(i.get("name") == "text" for i in meta.get("inputs", [])) and "input_ids" in split:
+            texts = test_texts(ds, split)
+        served = params.get("labels")
         if served and list(served) != list(ds.labels):
             log.warning("the served labels %s differ from the dataset's %s: accuracy not measured",
                         served, list(ds.labels))
@@ -316,22 +293,14 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
     levels = [(b, c) for b in batch_sizes for c in concurrency]
     with progress("load test", total=len(levels)) as bar:
         for b, c in levels:
-            bodies, labels = request_bodies(meta, b, split, seq, seed)
+            bodies, labels = request_bodies(meta, b, split, texts, seq, seed)
             if not score:
                 labels = [None] * len(labels)
             log.info("concurrency %d, batch %d: %s", c, b,
                      f"{duration:g} s" if duration is not None else f"{iters} requests")
-            # Warm-up: a few requests outside the clock.
-            warm = Client(target, timeout)
-            try:
-                for body in bodies[:2]:
-                    warm.request("POST", path, body)
-            except (OSError, http.client.HTTPException):
-                pass  # a server that fails here fails in the measured run too, where errors are counted
-            finally:
-                warm.close()
-            r = run_level(target, path, bodies, labels, c, duration if duration is not None else float("inf"),
-                          iters or MAX_REQUESTS, timeout)
+            run_level(url, path, bodies[:2], [None], 1, float("inf"), 2, timeout, api_key)  # warm-up, unclocked
+            r = run_level(url, path, bodies, labels, c, duration if duration is not None else float("inf"),
+                          iters or MAX_REQUESTS, timeout, api_key)
             r = {"concurrency": c, "batch_size": b, **r,
                  "throughput_samples_s": round(r["throughput_rps"] * b, 3) if r["throughput_rps"] else 0.0}
             if r["errors"]:
@@ -340,14 +309,14 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
             results.append(r)
             bar.advance(1)
     if not any(r["ok"] for r in results):
-        raise MkError(f"{target}: no request succeeded; first error: "
+        raise MkError(f"{url}: no request succeeded; first error: "
                       f"{next((r['first_error'] for r in results if r['first_error']), 'none')}")
     return {
-        "schema": SCHEMA, "mode": "http", "created": created_by(), "url": str(target), "model": name,
+        "schema": SCHEMA, "mode": "http", "created": created_by(), "url": url, "model": name,
         "model_metadata": meta,
         "settings": {"concurrency": concurrency, "batch_sizes": batch_sizes, "duration_s": duration,
                      "iters": iters, "seq_len": "data" if split is not None else seq, "data": dataset_path,
-                     "wait_s": wait, "timeout_s": timeout},
+                     "inputs": "text" if texts is not None else "token ids", "wait_s": wait, "timeout_s": timeout},
         "environment": {**environment(None, None), "role": "client"},
         "results": results, "warnings": warnings,
     }

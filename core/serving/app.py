@@ -1,0 +1,222 @@
+"""The ASGI app of `mk serve` (FastAPI under uvicorn): the routes, and one
+middleware in front of them for the key, the body limit and the metrics.
+
+    GET  /v2                                  server metadata
+    GET  /v2/health/live, /v2/health/ready    liveness, readiness (no key needed)
+    GET  /v2/models/{name}[/versions/1]       model metadata: inputs, outputs, limits
+    GET  /v2/models/{name}[/versions/1]/ready
+    POST /v2/models/{name}[/versions/1]/infer KServe v2: BYTES `text` [+ `text_pair`], or
+                                              INT `input_ids` [+ `attention_mask`, `token_type_ids`]
+                                              → label, score, logits, label_id
+    POST /predict                             Hugging Face TEI: {"inputs": "…" | [...]} → labels, scores
+    GET  /health                              TEI's health route
+    GET  /metrics                             Prometheus (no key needed)
+    GET  /openapi.json, /docs                 the schema of all of the above
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from mk.core import __version__
+from mk.core.console import log
+from mk.core.serving import protocol as p
+from mk.core.serving.auth import OPEN_PATHS, authorized
+from mk.core.serving.model import ARRIVING, ServedModel
+
+ERRORS = {400: {"model": p.Error}, 401: {"model": p.Error}, 404: {"model": p.Error}, 413: {"model": p.Error},
+          422: {"model": p.Error}, 503: {"model": p.Error}, 504: {"model": p.Error}}
+INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
+def _json(status: int, message: str, headers: dict | None = None) -> Response:
+    return Response(json.dumps({"error": message}).encode(), status, headers=headers,
+                    media_type="application/json")
+
+
+class Guard:
+    """Pure ASGI middleware (Starlette has no body limit, and BaseHTTPMiddleware
+    costs a task per request): the key, the body read once within its limit, the
+    count of requests still arriving (the batcher waits for those), and the metrics."""
+
+    def __init__(self, app, model: ServedModel, api_key: str | None):
+        self.app, self.model = app, model
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if scope["method"] == "POST":
+            scope[ARRIVING] = True
+            self.model.batcher.arriving += 1
+        try:
+            refusal = self._refusal(scope)
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body, refusal = await self._body(scope, receive)
+                if refusal is None:
+                    receive = _replay(body)
+                    # every body here is JSON: `curl -d` labels it a form, which FastAPI would not parse
+                    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                        (b"content-type", b"application/json")]
+            if refusal is not None:
+                return await refusal(scope, receive, sending)
+            await self.app(scope, receive, sending)
+        finally:
+            self.model.arrived(scope)
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.model.metrics.requests.labels(route=route, code=str(status[0])).inc()
+            if route in INFER_PATHS or route == "/predict":
+                self.model.metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
+
+    def _refusal(self, scope) -> Response | None:
+        if self.key is None or scope["path"] in OPEN_PATHS:
+            return None
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if authorized(header, self.key):
+            return None
+        return _json(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
+                     {"WWW-Authenticate": "Bearer"})
+
+    async def _body(self, scope, receive) -> tuple[bytes, Response | None]:
+        limit = self.model.limits.max_body
+        too_big = _json(413, f"request body over this server's limit of {limit} bytes")
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return b"", too_big
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", _json(400, "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_big
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes):
+    sent = [False]
+
+    async def receive():
+        if sent[0]:
+            return {"type": "http.disconnect"}
+        sent[0] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return _json(400, "request body is not JSON")
+    first = errors[0] if errors else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return _json(422, f"{where or 'body'}: {first.get('msg', 'invalid')}" + (
+        f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""))
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _json(exc.status_code, str(exc.detail), exc.headers)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.warning("request failed: %s: %s", type(exc).__name__, exc)
+    return _json(500, f"internal error: {type(exc).__name__}")
+
+
+def create_app(model: ServedModel, api_key: str | None = None, on_ready=None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        model.metrics.ready.labels(model=model.name).set(1)
+        if on_ready is not None:
+            on_ready()
+        yield
+        model.metrics.ready.labels(model=model.name).set(0)
+        model.batcher.stop()  # uvicorn has answered every accepted request by now
+
+    app = FastAPI(title="mk serve", version=__version__, lifespan=lifespan, responses=ERRORS,
+                  exception_handlers={RequestValidationError: _validation_error, HTTPException: _http_error,
+                                      Exception: _internal_error})
+    _routes(app, model)
+    app.add_middleware(Guard, model=model, api_key=api_key)
+    return app
+
+
+def _routes(app: FastAPI, model: ServedModel) -> None:
+    @app.get("/v2", response_model=p.ServerMetadata)
+    async def server_metadata():
+        return {"name": "mk", "version": __version__, "extensions": [], "models": [model.name]}
+
+    @app.get("/v2/health/live", response_model=p.Live)
+    @app.get("/health", response_model=p.Live)
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", response_model=p.Ready)
+    async def ready():
+        return {"ready": True}  # the app only answers once the model is loaded
+
+    @app.get("/v2/models/{name}", response_model=p.ModelMetadata)
+    @app.get("/v2/models/{name}/versions/{version}", response_model=p.ModelMetadata)
+    async def model_metadata(name: str, version: str | None = None):
+        model.check_name(name, version)
+        return model.metadata()
+
+    @app.get("/v2/models/{name}/ready", response_model=p.Ready)
+    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=p.Ready)
+    async def model_ready(name: str, version: str | None = None):
+        model.check_name(name, version)
+        return {"ready": True}
+
+    @app.post(INFER_PATHS[0], response_model=p.InferResponse)
+    @app.post(INFER_PATHS[1], response_model=p.InferResponse)
+    async def infer(name: str, body: p.InferRequest, request: Request, version: str | None = None):
+        model.check_name(name, version)
+        inputs, truncated = model.v2_inputs(body)
+        logits = await model.run(inputs, request.scope)
+        wanted = [o.name for o in body.outputs] if body.outputs else None
+        answer = {"model_name": model.name, "model_version": "1", "outputs": model.v2_outputs(logits, wanted)}
+        if body.id is not None:
+            answer["id"] = body.id
+        if truncated:
+            answer["parameters"] = {"truncated": truncated}
+        return JSONResponse(answer)
+
+    @app.post("/predict", response_model=list[p.Prediction] | list[list[p.Prediction]])
+    async def predict(body: p.PredictRequest, request: Request):
+        single = isinstance(body.inputs, str)
+        items = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        texts, pairs = [], []
+        for x in items:
+            x = [x] if isinstance(x, str) else x
+            if len(x) not in (1, 2):
+                raise HTTPException(400, "each input is a text or a [text, pair] list")
+            texts.append(x[0])
+            pairs.append(x[1] if len(x) == 2 else None)
+        truncate = model.limits.truncate if body.truncate is None else body.truncate
+        inputs, _ = model.text_inputs(texts, pairs, truncate)
+        predictions = model.tei_predictions(await model.run(inputs, request.scope), body.raw_scores)
+        return JSONResponse(predictions[0] if single else predictions)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        data, content_type = model.metrics.render()
+        return Response(data, media_type=content_type)

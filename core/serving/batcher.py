@@ -1,0 +1,162 @@
+"""Dynamic batching: concurrent requests are coalesced into one runtime call on
+a thread of its own, so the event loop keeps reading requests while a batch runs.
+
+A job is one request's rows (already tokenized, padded to its own longest row).
+The worker takes the jobs waiting when it is free, waits at most `max_wait_ms`
+for more while requests are still being read (`arriving`), up to
+`max_batch_size` rows; when more rows wait than fit, it takes the oldest job and
+those closest to it in length, so that a batch pads little. The batch is padded
+to its own longest row, run once, and each job gets its slice of the logits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mk.core.console import log
+
+
+class QueueFull(Exception):
+    """More rows wait than the queue holds: the caller answers 503."""
+
+
+class DeadlineExceeded(Exception):
+    """The job's deadline passed before a batch took it: the caller answers 504."""
+
+
+class InferenceFailed(Exception):
+    """The runtime raised on the batch this job was in: the caller answers 500."""
+
+
+@dataclass
+class Job:
+    inputs: dict[str, np.ndarray]  # [rows, width] each
+    deadline: float                # time.monotonic() after which it is not started
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(init=False)
+
+    def __post_init__(self):
+        self.future = self.loop.create_future()
+
+    @property
+    def rows(self) -> int:
+        return self.inputs["input_ids"].shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.inputs["input_ids"].shape[1]
+
+    def finish(self, result=None, error: Exception | None = None) -> None:
+        def _set():
+            if not self.future.done():  # the request may have given up already
+                self.future.set_exception(error) if error else self.future.set_result(result)
+        self.loop.call_soon_threadsafe(_set)
+
+
+def pad_batch(jobs: list[Job], pad_id: int) -> dict[str, np.ndarray]:
+    """The jobs' rows stacked, padded to the longest row of the batch."""
+    width = max(j.width for j in jobs)
+    rows = sum(j.rows for j in jobs)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if any(k in j.inputs for j in jobs)]
+    out = {k: np.full((rows, width), pad_id if k == "input_ids" else 0, dtype=np.int64) for k in keys}
+    r = 0
+    for j in jobs:
+        for k in keys:
+            if k in j.inputs:
+                out[k][r:r + j.rows, :j.width] = j.inputs[k]
+        r += j.rows
+    return out
+
+
+class Batcher:
+    def __init__(self, runtime, pad_id: int, max_batch_size: int, max_wait_ms: float, max_queue: int, metrics):
+        self.runtime, self.pad_id, self.metrics = runtime, pad_id, metrics
+        self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
+        self.queue: list[Job] = []
+        self.queued_rows = 0
+        self.arriving = 0  # requests being read or tokenized: more rows are on their way
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._work, name="mk-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is stopping")
+            if self.queued_rows and self.queued_rows + job.rows > self.max_queue:
+                raise QueueFull(f"{self.queued_rows} inputs are waiting; the queue holds {self.max_queue}")
+            self.queue.append(job)
+            self.queued_rows += job.rows
+            self.metrics.queue_depth.set(self.queued_rows)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        """Run what was accepted, then end the worker."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _take(self) -> list[Job]:
+        """Jobs for the next batch (called with the lock held)."""
+        now = time.monotonic()
+        for j in [j for j in self.queue if j.deadline < now]:
+            self.queue.remove(j)
+            self.queued_rows -= j.rows
+            j.finish(error=DeadlineExceeded("the request waited past its deadline"))
+        if self.queued_rows <= self.max_batch_size:
+            taken, self.queue = self.queue, []
+        else:
+            first, rest = self.queue[0], self.queue[1:]
+            taken, rows = [first], first.rows
+            for j in sorted(rest, key=lambda j: abs(j.width - first.width)):
+                if rows + j.rows <= self.max_batch_size:
+                    taken.append(j)
+                    rows += j.rows
+            chosen = set(map(id, taken))
+            self.queue = [j for j in self.queue if id(j) not in chosen]
+        self.queued_rows -= sum(j.rows for j in taken)
+        self.metrics.queue_depth.set(self.queued_rows)
+        return taken
+
+    def _next(self) -> list[Job] | None:
+        with self.cond:
+            while not self.queue and not self.stopping:
+                self.cond.wait()
+            if not self.queue:
+                return None  # stopping, and nothing left
+            until = time.monotonic() + self.max_wait
+            while self.queued_rows < self.max_batch_size and self.arriving and not self.stopping:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            return self._take()
+
+    def _work(self) -> None:
+        while (jobs := self._next()) is not None:
+            if jobs:
+                self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        batch = pad_batch(jobs, self.pad_id)
+        try:
+            logits = np.asarray(self.runtime(batch), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 — this batch's requests fail; the server keeps serving
+            log.warning("inference failed on a batch of %d: %s: %s", len(batch["input_ids"]), type(e).__name__, e)
+            error = InferenceFailed(f"inference failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                                    if str(e) else f"inference failed: {type(e).__name__}")
+            for j in jobs:
+                j.finish(error=error)
+            return
+        self.metrics.batch(rows=len(logits), tokens=int(batch["attention_mask"].sum()))
+        r = 0
+        for j in jobs:
+            j.finish(logits[r:r + j.rows])
+            r += j.rows
