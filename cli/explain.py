@@ -68,7 +68,8 @@ def render(result: dict) -> None:
             status += f"   deletion: top-{f['k']} {f['drop_top']:+.3f}, random {f['drop_random']:+.3f}"
         console.print(status, style="dim", highlight=False)
     if len(result["records"]) > 1 and any(result["summary"].values()):
-        table = Table(title="words with the largest mean score, per explained class", title_justify="left")
+        console.print("words with the largest mean score, per explained class:")
+        table = Table()
         for label in result["summary"]:
             table.add_column(label)
         columns = [[f"{r['word']} {r['mean_score']:+.3g} ×{r['count']}" for r in rows]
