@@ -19,6 +19,7 @@ from mk.core.console import log, progress
 from mk.core.errors import BadInput
 from mk.core.explanation import methods
 from mk.core.explanation.words import Encoded, decode_rows, encode, require_fast
+from mk.core.tokenizer_match import has_tokenizer, load_tokenizer
 
 SCHEMA = "mk.explain/1"
 RANDOM_DRAWS = 10       # random deletions averaged per text in the deletion check
@@ -63,7 +64,8 @@ def check_model(art: Artifact, settings: Settings) -> tuple[str, int | None]:
         raise BadInput(f"--method {method}: unknown method; choose {', '.join(methods.METHODS)}")
     if method in methods.NEEDS_TORCH and art.format != "safetensors":
         parent = next((a.path for a, _ in art.lineage()[1:] if a is not None and a.format == "safetensors"), None)
-        raise BadInput(f"--method {method}: needs a torch model's internals; {art.path} is a {art.format} model",
+        kind = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
+        raise BadInput(f"--method {method}: needs a torch model's internals; {art.path} is {kind} model",
                        hint="use --method occlusion, shap or lime"
                             + (f", or explain its torch parent {parent}" if parent else ""))
     target = None
@@ -204,8 +206,6 @@ def explain(model: str | Path, rows: Rows, settings: Settings | None = None) -> 
     start = time.perf_counter()
     art = open_artifact(model, kind="model", trust_pickle=settings.trust_pickle)
     method, fixed_target = check_model(art, settings)
-    from mk.core.tokenizer_match import has_tokenizer, load_tokenizer
-
     if not has_tokenizer(art.path):
         raise BadInput(f"{art.path}: no tokenizer files beside the model")
     tok = load_tokenizer(art.path)
