@@ -18,6 +18,7 @@ def load_classifier(path, task: str | None, **overrides):
     from safetensors import SafetensorError
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
     auto = (transformers.AutoModelForImageClassification if task == "image-classification"
             else transformers.AutoModelForSequenceClassification)
     try:
