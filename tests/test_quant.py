@@ -340,3 +340,10 @@ def test_settings_chosen_for_a_cpu_without_vnni_avoid_the_saturation_the_vnni_se
         # 7-bit weights: 255 · 64 · 2 < 32767, no pair clips, the same answers on both kinds of CPU
         assert rr_clips.clipped == 0 and np.array_equal(rr_on_avx2, rr_exact), method
         assert np.mean(rr_on_avx2 == fp32) >= 0.8, method  # what the agreement test asks of every CPU
+
+
+def test_bad_gate_options_are_refused(tmp_path, onnx_parent, tiny_dataset):
+    out = tmp_path / "out"
+    for args, needle in ((["--confidence", "1.5"], "--confidence 1.5"), (["--confidence", "0.2"], "--confidence 0.2"),
+                         (["--gate-test", "exact"], "--gate-test 'exact'")):
+        _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), *args), out, needle)
