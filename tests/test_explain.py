@@ -6,7 +6,6 @@ browser, and bad input refused with exit 2 and nothing written."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model, run_mk
+from conftest import make_tiny_model
 
 METHODS = ["ig", "occlusion", "shap", "lime", "attention"]
 KEYWORD = "excellent"

@@ -363,3 +363,10 @@ def test_calibration_is_capped_at_the_split_and_fed_in_chunks(tmp_path, onnx_par
     assert "--calib-size 100000: the train split holds 120 rows" in caplog.text
     assert calibration["rows"] == 120 and calibration["batches"] == 8 and calibration["rows_per_call"] == 16
     assert chunks == [(i, i + 1) for i in range(8)]  # one batch per call, the last one shorter
+
+
+def test_bad_gate_options_are_refused(tmp_path, onnx_parent, tiny_dataset):
+    out = tmp_path / "out"
+    for args, needle in ((["--confidence", "1.5"], "--confidence 1.5"), (["--confidence", "0.2"], "--confidence 0.2"),
+                         (["--gate-test", "exact"], "--gate-test 'exact'")):
+        _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), *args), out, needle)
