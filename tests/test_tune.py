@@ -437,3 +437,12 @@ def test_cuda_out_of_memory_suggests_a_batch_size(tiny_dataset, tiny_model, tmp_
     with pytest.raises(MkError, match="out of memory") as e:
         _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=2, batch_size=32)
     assert e.value.code == 1 and "--batch-size 16" in e.value.hint and "--grad-accum 2" in e.value.hint
+
+
+def test_a_checkpoint_folder_holding_other_files_is_not_removed(tiny_dataset, tiny_model, tmp_path):
+    from mk.core.errors import BadInput
+    (tmp_path / "t.ckpt").mkdir()
+    (tmp_path / "t.ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(BadInput, match=r"t.ckpt: holds files mk tune did not write \(notes.txt\)"):
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1, force=True)
+    assert (tmp_path / "t.ckpt" / "notes.txt").read_text() == "mine"

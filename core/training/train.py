@@ -48,6 +48,7 @@ from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
 LOG_NAME = "train_log.jsonl"
 CKPT_NAME = "last.pt"
 BEST_NAME = "best.pt"
+STATE_NAME = "state.json"
 # Options that must match for --resume to continue the same run.
 RUN_KEYS = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup", "schedule",
             "max_grad_norm", "patience", "seed", "lora", "lora_alpha", "lora_dropout", "temperature",
@@ -346,18 +347,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _foreign_in_checkpoint_dir(ckpt: Path) -> str | None:
-    """What at OUT.ckpt mk tune did not write (it is removed when a run starts over or ends)."""
+    """What at OUT.ckpt mk tune did not write (the folder is removed when a run
+    starts over or ends, so it must hold nothing else)."""
     from mk.core.outputs import describe
 
     what = describe(ckpt)
     if what is None:
         return None
     if what != "a folder":
-        return what
-    ours = {CKPT_NAME, BEST_NAME, LOG_NAME}
+        return f"is {what}, where mk tune keeps its checkpoints"
+    ours = {CKPT_NAME, BEST_NAME, LOG_NAME, STATE_NAME}
     foreign = sorted(p.name for p in ckpt.iterdir()
                      if p.name not in ours and not p.name.startswith((f"{CKPT_NAME}.tmp-", f"{BEST_NAME}.tmp-")))
-    return f"files mk did not write ({', '.join(foreign[:3])})" if foreign else None
+    return f"holds files mk tune did not write ({', '.join(foreign[:3])})" if foreign else None
 
 
 def load_checkpoint(ckpt: Path) -> dict:
@@ -422,9 +424,8 @@ class Trainer:
         self.ckpt = checkpoint_dir(self.out)
         self._resumed_at = None
         check_output(self.out, force)
-        if foreign := _foreign_in_checkpoint_dir(self.ckpt):
-            raise BadInput(f"{self.ckpt}: is where mk tune keeps its checkpoints, and holds {foreign}",
-                           hint="move it away, or choose another -o")
+        if problem := _foreign_in_checkpoint_dir(self.ckpt):
+            raise BadInput(f"{self.ckpt}: {problem}", hint="move it away, or choose another -o")
         self.dataset = open_dataset(data)
         self.base = open_artifact(model, kind="model")
         self.model_ref = str(model)
@@ -631,7 +632,7 @@ class Trainer:
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": rngs, "state": dict(state),
                 }, self.ckpt / CKPT_NAME)
-                (self.ckpt / "state.json").write_text(json.dumps(
+                (self.ckpt / STATE_NAME).write_text(json.dumps(
                     {"step": state["step"], "total_steps": total, "reason": reason, "time": time.time(),
                      "config": self.run_config()}, indent=2) + "\n")
             if dist.active:
