@@ -101,23 +101,23 @@ class Checkpointer:
         self.config: dict = {}
         self._saved = None          # the checkpoint to resume from, until restored
         self._resumed_at = None     # the step it held
-        if foreign := self._foreign():
-            raise BadInput(f"{self.dir}: is where mk tune keeps its checkpoints, and holds {foreign}",
-                           hint="move it away, or choose another -o")
+        if problem := self._foreign():
+            raise BadInput(f"{self.dir}: {problem}", hint="move it away, or choose another -o")
 
     def _foreign(self) -> str | None:
-        """What at OUT.ckpt mk tune did not write (it is removed when a run starts over or ends)."""
+        """What at OUT.ckpt mk tune did not write (the folder is removed when a run
+        starts over or ends, so it must hold nothing else)."""
         from mk.core.outputs import describe
 
         what = describe(self.dir)
         if what is None:
             return None
         if what != "a folder":
-            return what
+            return f"is {what}, where mk tune keeps its checkpoints"
         ours = {CKPT_NAME, BEST_NAME, STATE_NAME, LOG_NAME}
         foreign = sorted(p.name for p in self.dir.iterdir()
                          if p.name not in ours and not p.name.startswith((f"{CKPT_NAME}.tmp-", f"{BEST_NAME}.tmp-")))
-        return f"files mk did not write ({', '.join(foreign[:3])})" if foreign else None
+        return f"holds files mk tune did not write ({', '.join(foreign[:3])})" if foreign else None
 
     @property
     def last(self) -> Path:
