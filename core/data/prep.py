@@ -38,7 +38,8 @@ from mk.core.data.sources import SPLIT_NAMES, Columns, ImageFolder, Table, TextE
 
 LENGTH_SAMPLE = 20_000   # texts tokenized to choose --max-length
 LENGTH_PERCENTILE = 95
-CHUNK_ROWS = 16_384      # rows read, tokenized and written at a time (bounds memory)
+CHUNK_ROWS = 4_096       # rows read, tokenized and written at a time: the shuffled rows of one chunk
+                         # touch most pages of the memory-mapped output, so this bounds its resident pages
 ENCODE_BATCH = 4_096     # rows per call of the Rust tokenizer
 # Texts are cut to this many characters per token kept before tokenizing: the
 # tokenizer encodes a whole text before truncating it (a 10 MB field peaked at
