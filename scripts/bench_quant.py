@@ -203,7 +203,7 @@ def main() -> None:
     from mk.core.artifact import open_artifact
     from mk.core.console import configure
     from mk.core.dataset import dataset_for
-    from mk.core.measurement.evaluate import classification_metrics, predict
+    from mk.core.evaluation import classification_metrics, predict
     from mk.core.runtime import load_runtime
 
     configure(quiet=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mk.core.measurement.gate import drop_interval, judge, mcnemar_exact, min_failing_drop
+from mk.core.gate import drop_interval, judge, mcnemar_exact, min_failing_drop
 
 
 def test_mcnemar_exact_against_hand_computed_values():

@@ -58,7 +58,7 @@ def near_ties_parent(tmp_path_factory, minilm_dir, tiny_dataset) -> Path:
 
 
 def _predictions(path, split):
-    from mk.core.measurement.evaluate import predict
+    from mk.core.evaluation import predict
     from mk.core.runtime import load_runtime
 
     return predict(load_runtime(path, "cpu"), split).argmax(-1)

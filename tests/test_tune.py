@@ -100,7 +100,7 @@ def test_training_reduces_loss_and_the_output_loads(tiny_dataset, tiny_model, tm
     # better than chance, measured on what it was trained on (30 test tweets are too few to say)
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
     from mk.core.runtime import load_runtime
     train = load_split(open_artifact(tiny_dataset), "train")
     assert evaluate(load_runtime(out, "cpu"), train, 3)["accuracy"] > 0.6
@@ -283,7 +283,7 @@ def test_lora_no_merge_keeps_the_adapter(tiny_dataset, tiny_model, tmp_path):
     assert manifest["adapter"]["r"] == 4
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
     from mk.core.runtime import load_runtime
     test = load_split(open_artifact(tiny_dataset), "test")
     again = evaluate(load_runtime(out, "cpu"), test, 3)  # the torch runtime loads adapter + base

@@ -42,8 +42,9 @@ from mk.core.cpu import SATURATING, this_cpu
 from mk.core.outputs import atomic_output, check_output
 from mk.core.errors import BadInput, GateFailed
 from mk.core.tokenizer_match import check_same_tokenizer
-from mk.core.compression.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
-                            export_onnx, load_onnx, onnx_bytes, optimize_transformer, save_onnx, to_fp16)
+from mk.core.compression.export import export_onnx
+from mk.core.compression.onnx_io import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files, load_onnx,
+                                         onnx_bytes, optimize_transformer, save_onnx, to_fp16)
 
 METHODS = ("dynamic", "static", "fp16")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -395,7 +396,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     log.info("quantized %s (%s): %s → %s (%.0f%%)", out, method, human_bytes(size_before), human_bytes(size_after),
              100 * size_after / max(size_before, 1))
     if gate:
-        from mk.core.measurement.gate import describe
+        from mk.core.gate import describe
 
         log.info("%s", describe(verdict))
         if verdict.warning:
@@ -412,7 +413,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
 
 
 def check_gate_options(confidence: float, gate_test: str) -> None:
-    from mk.core.measurement.gate import TESTS
+    from mk.core.gate import TESTS
 
     if gate_test not in TESTS:
         raise BadInput(f"--gate-test {gate_test!r}: expected one of {', '.join(TESTS)}")
@@ -424,8 +425,8 @@ def check_gate_options(confidence: float, gate_test: str) -> None:
 def _judge(parent: Artifact, child: Artifact, test: dict, n_labels: int, threads, batch_size: int,
            max_drop: float, confidence: float, gate_test: str, metrics: dict):
     """Evaluate parent and child on the test split; fill `metrics`; return the gate's verdict."""
-    from mk.core.measurement.evaluate import classification_metrics, predict
-    from mk.core.measurement.gate import judge
+    from mk.core.evaluation import classification_metrics, predict
+    from mk.core.gate import judge
     from mk.core.runtime import load_runtime
 
     answers, scores = [], []

@@ -115,7 +115,7 @@ def dataset_texts(art: Artifact, tok, rows: Rows, runtime, batch_size: int) -> t
         raise BadInput(f"{dataset.path}: sentence pairs; mk explain explains single texts")
     chosen = np.arange(len(split["labels"]))
     if rows.errors:
-        from mk.core.measurement.evaluate import predict
+        from mk.core.evaluation import predict
 
         preds = predict(runtime, split, batch_size, description="finding errors").argmax(axis=-1)
         chosen = chosen[preds != split["labels"]]

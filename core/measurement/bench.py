@@ -581,7 +581,7 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
 
 
 def _accuracy(e: Entry, dataset, split, settings: Settings, warnings: list[str]) -> dict:
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
 
     none = {"accuracy": None, "macro_f1": None, "eval_rows": None,
             "dataset": str(dataset.path) if dataset is not None else None}

@@ -22,9 +22,9 @@ def load_classifier(path, task: str | None, **overrides):
     auto = (transformers.AutoModelForImageClassification if task == "image-classification"
             else transformers.AutoModelForSequenceClassification)
     try:
-        from mk.core.training import lora
-        if lora.is_adapter(path):
-            return lora.load_adapter_classifier(path, auto, **overrides)
+        from mk.core.runtime import adapters
+        if adapters.is_adapter(path):
+            return adapters.load_adapter_classifier(path, auto, **overrides)
         return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **overrides)
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # corrupt weights, a foreign folder
         raise library_error(e, path, "cannot load the model") from None

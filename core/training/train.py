@@ -253,7 +253,7 @@ def _base_model(model):
 
 def evaluate_model(model, split: dict, num_labels: int, device, autocast, batch_size: int,
                    description: str) -> dict:
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
 
     was_training = model.training
     model.eval()
