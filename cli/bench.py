@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,38 +9,9 @@ import typer
 
 from mk.cli import options
 from mk.cli.app import command
-from mk.cli.output import emit
+from mk.cli.bench_tables import print_report
+from mk.cli.output import read_piped, show, warn
 from mk.core.errors import BadInput
-
-
-def read_inputs() -> list[str]:
-    """Artifact paths piped on stdin: one per line, or upstream `--json` objects
-    (pretty-printed or one per line) with a "path"."""
-    if sys.stdin is None or sys.stdin.isatty():
-        raise BadInput("no artifacts given", hint="pass artifact folders (or `minilm`), pipe their paths "
-                                                  "on stdin, or pass --url URL to load-test a server")
-    text = sys.stdin.read().strip()
-    if not text:
-        raise BadInput("stdin was empty where artifact paths were expected", hint="did the command before the pipe fail?")
-    paths: list[str] = []
-    decoder = json.JSONDecoder()
-    i = 0
-    while i < len(text):
-        if text[i].isspace():
-            i += 1
-            continue
-        if text[i] == "{":
-            try:
-                obj, i = decoder.raw_decode(text, i)
-                paths.append(str(obj["path"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise BadInput("stdin: JSON without a \"path\" where artifact paths were expected") from None
-        else:
-            end = text.find("\n", i)
-            end = len(text) if end < 0 else end
-            paths.append(text[i:end].strip())
-            i = end
-    return [p for p in paths if p]
 
 
 @command("bench")
@@ -153,7 +122,8 @@ def bench(
     else:
         from mk.core.measurement import bench as core_bench
 
-        paths = artifacts or read_inputs()
+        paths = artifacts or read_piped("artifact paths", hint="pass artifact folders (or `minilm`), pipe their paths "
+                                                                "on stdin, or pass --url URL to load-test a server")
         settings = core_bench.Settings(
             batch_sizes=core_bench.parse_ints(batch_sizes if batch_sizes is not None else "1,8,32", "--batch-sizes"),
             seq_lens=core_bench.parse_seq_lens(seq_lens if seq_lens is not None
@@ -173,22 +143,20 @@ def _finish(result: dict, output, plot, gating: tuple, as_json: bool, force: boo
         from mk.core.measurement.bench_gate import compare
 
         result["gate"] = {"baseline": str(baseline), **compare(result, base, allowance, renames)}
-    if not quiet():
-        bench_report.print_report(result, console)
-    elif result.get("warnings"):
-        for w in result["warnings"]:
-            console.print(f"[bold yellow]warning:[/] {w}", markup=True, highlight=False, soft_wrap=True)
     if output is not None:
         bench_report.write_output(result, output, force)
     if plot is not None:
         bench_report.plot(result, plot, force)
-    emit(output, result, as_json=as_json)
+    if quiet():  # the tables are not drawn, their warnings still are
+        for w in result.get("warnings", []):
+            warn(w)
+    show(output, result, as_json, human=print_report)
     gate = result.get("gate")
     if gate is not None:
         from mk.core.measurement.bench_gate import gate as run_gate
 
         for u in gate["unmatched"]:
-            console.print(f"[bold yellow]warning:[/] baseline: not compared: {u}", markup=True, highlight=False)
+            warn(f"baseline: not compared: {u}")
         if gate["passed"] and not quiet():
             console.print(f"gate passed: {gate['checked']} measures within {gate['allowance_pct']:g}% of {baseline}",
                           style="green", highlight=False)

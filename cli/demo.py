@@ -8,7 +8,7 @@ import typer
 
 from mk.cli import options
 from mk.cli.app import command
-from mk.cli.output import emit
+from mk.cli.output import show
 
 
 @command("demo")
@@ -30,5 +30,15 @@ def demo(
     """
     from mk.core.demo import run_demo
 
-    result = run_demo(output, sample=sample, epochs=epochs, seed=seed, threads=threads, force=force)
-    emit(output, result, as_json=as_json)
+    result = run_demo(output, sample=sample, epochs=epochs, seed=seed, threads=threads, force=force,
+                      on_step=_show_step)
+    show(output, result, as_json)
+
+
+def _show_step(args: list[str]) -> None:
+    """Each command of the chain, on stderr before it runs, as a user would type it."""
+    import shlex
+
+    from mk.core.console import console
+
+    console.print(f"[bold cyan]$ mk {shlex.join(args)}[/]", markup=True, highlight=False)

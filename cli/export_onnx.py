@@ -9,7 +9,7 @@ import typer
 
 from mk.cli import options
 from mk.cli.app import command
-from mk.cli.output import emit, read_input
+from mk.cli.output import read_input, show
 
 
 @command("export-onnx")
@@ -51,4 +51,4 @@ def export_onnx(
     result = run(read_input(model, "model"), output, data=data, atol=atol, optimize=optimize, fp16=fp16,
                  opset=opset, exporter=exporter, external_data=external_data, force=force,
                  trust_pickle=trust_pickle, threads=threads, device=device)
-    emit(Path(result["path"]), result, as_json=as_json)
+    show(Path(result["path"]), result, as_json)

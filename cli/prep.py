@@ -9,7 +9,7 @@ import typer
 
 from mk.cli import options
 from mk.cli.app import command
-from mk.cli.output import emit, read_input
+from mk.cli.output import read_input, show
 
 
 @command("prep")
@@ -61,18 +61,15 @@ def prep(
                        encoding_errors=encoding_errors, force=force)
     src = source if source is not None else str(read_input(None, "data source"))
     result = run_prep(src, output, opts)
-    _summary(result)
-    emit(Path(result["path"]), result, as_json=as_json)
+    show(Path(result["path"]), result, as_json, human=_summary)
 
 
 def _summary(r: dict) -> None:
     """The end-of-run table on stderr: rows per split and label, and the cleaning steps."""
     from rich.table import Table
 
-    from mk.core.console import console, quiet
+    from mk.core.console import console
 
-    if quiet():
-        return
     t = Table(title=f"dataset {r['path']}", title_justify="left", show_edge=False)
     t.add_column("split")
     for name in r["labels"]:

@@ -9,7 +9,7 @@ import typer
 
 from mk.cli import options
 from mk.cli.app import command
-from mk.cli.output import emit, read_input
+from mk.cli.output import read_input, show
 
 
 @command("quant")
@@ -66,4 +66,4 @@ def quant(
     result = quantize(read_input(model, "model"), output, method=method, data=data, max_drop=max_drop,
                       settings=settings, gate=gate, threads=threads, batch_size=batch_size, force=force,
                       trust_pickle=trust_pickle, confidence=confidence, gate_test=gate_test)
-    emit(Path(result["path"]), result, as_json=as_json)
+    show(Path(result["path"]), result, as_json)

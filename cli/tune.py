@@ -9,7 +9,7 @@ import typer
 
 from mk.cli import options
 from mk.cli.app import command
-from mk.cli.output import emit, read_input
+from mk.cli.output import read_input, show
 
 
 @command("tune")
@@ -82,4 +82,4 @@ def tune(
         raise BadInput("--no-merge only applies with --lora R")
     result = run_tune(read_input(data, "dataset"), model, output, opts, force=force)
     if result is not None:  # rank 0 of a distributed run, or the only process
-        emit(Path(result["path"]), result, as_json=as_json)
+        show(Path(result["path"]), result, as_json)

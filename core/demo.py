@@ -5,14 +5,12 @@ shown on stderr before it runs."""
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from mk.core.console import console
 from mk.core.errors import MkError
 from mk.core.outputs import artifact_blocker, atomic_output, describe
 
@@ -58,13 +56,15 @@ def demo_blocker(path: Path) -> str | None:
 
 
 def run_demo(out: Path, sample: int = 3000, epochs: float = 2, seed: int = 0, threads: int | None = None,
-             force: bool = False) -> dict:
-    """Run every step into a temporary folder renamed to `out` when all succeed."""
+             force: bool = False, on_step=None) -> dict:
+    """Run every step into a temporary folder renamed to `out` when all succeed;
+    `on_step(args)` is told each command before it runs (the CLI shows it)."""
     mk = mk_executable()
     timings = {}
     with atomic_output(out, force, demo_blocker) as tmp:
         for name, args in demo_steps(sample, epochs, seed, threads):
-            console.print(f"[bold cyan]$ mk {shlex.join(args)}[/]", markup=True, highlight=False)
+            if on_step is not None:
+                on_step(args)
             t0 = time.perf_counter()
             # stderr passes through: the user sees each step's progress and tables
             proc = subprocess.run([*mk, *args], cwd=tmp, stdout=subprocess.PIPE, stderr=None, text=True)

@@ -161,7 +161,7 @@ def test_plot_is_a_png(offline):
 def test_tables_render_in_process(offline):
     from rich.console import Console
 
-    from mk.core.measurement.bench_report import print_report
+    from mk.cli.bench_tables import print_report
 
     console = Console(record=True, width=220, no_color=True)
     print_report(offline["result"], console)
@@ -309,16 +309,16 @@ def test_data_from_another_tokenizer_is_refused(arts, tiny_dataset, tmp_path):
 
 
 def test_stdin_paths_lines_and_json(monkeypatch):
-    from mk.cli.bench import read_inputs
+    from mk.cli.output import read_piped
 
     class Pipe(io.StringIO):
         def isatty(self):
             return False
 
     monkeypatch.setattr(sys, "stdin", Pipe("a/b\n\nc\n"))
-    assert read_inputs() == ["a/b", "c"]
+    assert read_piped("artifact paths") == ["a/b", "c"]
     monkeypatch.setattr(sys, "stdin", Pipe('{\n  "path": "x"\n}\n{"path": "y"}\nz\n'))
-    assert read_inputs() == ["x", "y", "z"]
+    assert read_piped("artifact paths") == ["x", "y", "z"]
 
 
 def test_parent_comparison_and_stats():

@@ -295,7 +295,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
 
     Raises BadInput (nothing written) for bad input and GateFailed (artifact kept) when
     accuracy dropped by more than `max_drop` points: with `confidence` on the paired
-    answers (`gate_test` "paired", core.measurement.gate), or as observed ("point")."""
+    answers (`gate_test` "paired", core.gate), or as observed ("point")."""
     from mk.core.dataset import dataset_for, load_split
 
     settings = settings or QuantSettings(method=method)

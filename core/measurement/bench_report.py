@@ -1,5 +1,6 @@
-"""How a `mk bench` result is shown and saved: a rich table on stderr, CSV,
-Parquet or JSON via -o, and a plot (accuracy against throughput, latency bars)."""
+"""How a `mk bench` result is saved: CSV, Parquet or JSON via -o, and a plot
+(accuracy against throughput, latency bars). The tables on stderr are drawn by
+the command line (cli/bench_tables.py)."""
 
 from __future__ import annotations
 
@@ -40,115 +41,6 @@ def _ours(path: Path):
     """Which existing file --force may replace: for .json only a bench result; a
     .csv, .parquet or plot cannot say who wrote it, so any regular file."""
     return is_bench_result if path.suffix.lower() == ".json" else None
-
-
-# ------------------------------------------------------------------ tables --
-
-def _fmt(x, spec: str = ".3g", none: str = "–") -> str:
-    if x is None:
-        return none
-    try:
-        return format(x, spec)
-    except (TypeError, ValueError):
-        return str(x)
-
-
-def _num(x, digits: int = 3) -> str:
-    """Significant digits without exponents: 0.325, 78.4, 1005, 36560."""
-    if x is None:
-        return "–"
-    return f"{x:.0f}" if abs(x) >= 10 ** (digits - 1) else f"{x:.{digits}g}"
-
-
-def _bytes(n) -> str:
-    from mk.core.artifact import human_bytes
-
-    return "–" if n is None else human_bytes(n)
-
-
-def _params(n) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
-
-
-def offline_tables(result: dict):
-    """(speed table, artifact table) as rich Tables."""
-    from rich.table import Table
-
-    speed = Table(title="mk bench: latency and throughput", title_justify="left", show_lines=False)
-    for col, just in (("artifact", "left"), ("runtime", "left"), ("batch", "right"), ("seq", "right"),
-                      ("p50 ms", "right"), ("p90 ms", "right"), ("p99 ms", "right"),
-                      ("samples/s", "right"), ("±%", "right"), ("speed-up", "right"), ("vs parent", "left")):
-        speed.add_column(col, justify=just, no_wrap=col not in ("artifact",))
-    runtimes = {a["name"]: f"{a['runtime']} {a['device']}" for a in result["artifacts"]}
-    previous = None
-    for row in result["results"]:
-        shape = (row["batch_size"], row["seq_len"])
-        if previous is not None and shape != previous:
-            speed.add_section()
-        previous = shape
-        lat, thr, su, vp = row["latency_ms"], row["throughput"], row["speedup"], row["vs_parent"]
-        if vp is None:
-            parent = ""
-        elif vp["faster"]:
-            parent = f"[green]{vp['median']:.2f}× {vp['parent']}[/]"
-        else:
-            parent = f"[bold yellow]⚠ no faster ({_fmt(vp['median'], '.2f')}× {vp['parent']})[/]"
-        seq = row["seq_len"] if row["seq_len"] != "data" else f"data≈{_fmt(row.get('padded_len'), '.0f')}"
-        speed.add_row(row["artifact"], runtimes.get(row["artifact"], ""), str(row["batch_size"]), str(seq),
-                      _num(lat["p50"]), _num(lat["p90"]), _num(lat["p99"]),
-                      _num(thr["median"], 4), _fmt(thr["spread_pct"], ".0f"),
-                      f"{_fmt(su['median'], '.2f')}×", parent)
-
-    arts = Table(title="mk bench: artifacts", title_justify="left")
-    for col, just in (("artifact", "left"), ("format", "left"), ("size", "right"), ("params", "right"),
-                      ("load s", "right"), ("load RSS", "right"), ("peak RSS", "right"), ("GPU peak", "right"),
-                      ("accuracy", "right"), ("macro-F1", "right"), ("parent", "left")):
-        arts.add_column(col, justify=just, no_wrap=col != "artifact")
-    gpu = any(a.get("gpu_peak_bytes") for a in result["artifacts"])
-    for a in result["artifacts"]:
-        arts.add_row(a["name"], a["format"], _bytes(a["size_bytes"]), _params(a["parameters"]),
-                     _fmt(a["load_s"], ".2f"), _bytes(a["load_rss_bytes"]), _bytes(a["peak_rss_bytes"]),
-                     _bytes(a["gpu_peak_bytes"]) if gpu else "–",
-                     _fmt(a["accuracy"], ".4f"), _fmt(a["macro_f1"], ".4f"), a["parent"] or "")
-    return speed, arts
-
-
-def http_table(result: dict):
-    from rich.table import Table
-
-    t = Table(title=f"mk bench: {result['url']} (model {result['model']})", title_justify="left")
-    for col in ("concurrency", "batch", "requests", "errors", "error %", "req/s", "samples/s",
-                "p50 ms", "p90 ms", "p99 ms", "accuracy"):
-        t.add_column(col, justify="right", no_wrap=True)
-    for r in result["results"]:
-        lat = r["latency_ms"]
-        err = f"[red]{100 * r['error_rate']:.1f}[/]" if r["error_rate"] else "0"
-        t.add_row(str(r["concurrency"]), str(r["batch_size"]), str(r["requests"]), str(r["errors"]), err,
-                  _num(r["throughput_rps"], 4), _num(r["throughput_samples_s"], 4),
-                  _num(lat["p50"]), _num(lat["p90"]), _num(lat["p99"]), _fmt(r.get("accuracy"), ".4f"))
-    return t
-
-
-def print_report(result: dict, console) -> None:
-    """The tables, the environment in one line, and each warning, on stderr."""
-    env = result["environment"]
-    if result["mode"] == "offline":
-        for table in offline_tables(result):
-            console.print(table)
-        threads = env["threads"]["used"]
-        gpu = f", GPU {env['gpu']['name']}" if env.get("gpu") else ""
-        s = result["settings"]
-        how = f"{s['iters']} calls" if s.get("iters") else f"{s['duration_s'] or 3.0:g} s"
-        console.print(f"[dim]{env['cpu']}, {env['cores_physical']} cores, {threads} threads{gpu}; "
-                      f"{how} per artifact and shape in {s['rounds']} interleaved rounds after "
-                      f"{s['warmup']} warm-up calls; medians, ±% = spread of rounds[/]",
-                      markup=True, highlight=False)
-    else:
-        console.print(http_table(result))
-    for w in result.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {w}", markup=True, highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------- files --
