@@ -438,8 +438,7 @@ def measure_shape(entries: list[Entry], batches: list[dict], shape: str, setting
 
 def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     """Measure every artifact; return the `mk.bench/1` result."""
-    from mk.core.dataset import dataset_for, load_split
-    from mk.core.info import count_parameters
+    from mk.core.dataset import load_split
 
     if not paths:
         raise BadInput("no artifacts to measure", hint="pass artifact folders, or pipe their paths on stdin")
@@ -449,49 +448,15 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     parents = find_parents(arts)
     entries = [Entry(i, n, a, parent=p) for i, (n, a, p) in enumerate(zip(names, arts, parents))]
     threads = settings.threads or default_threads()
-
-    # Data: --data, else the dataset in the first lineage that names one.
-    dataset, dataset_note = None, None
-    if settings.data is not None:
-        from mk.core.dataset import open_dataset
-        dataset = open_dataset(settings.data)
-    else:
-        for a in arts:
-            try:
-                dataset = dataset_for(a, None)
-                break
-            except BadInput as e:
-                dataset_note = e.message
-    if DATA in settings.seq_lens and dataset is None:
-        raise BadInput("--seq-lens data: no dataset to take real inputs from",
-                       hint="pass --data DATASET (made by `mk prep`)")
-    if dataset is not None and (DATA in settings.seq_lens or settings.eval_limit != 0):
-        # rows tokenized by another tokenizer give meaningless inputs and accuracies, silently
-        from mk.core.tokenizer_match import check_same_tokenizer
-
-        for a in arts:
-            if a.task == "text-classification":
-                check_same_tokenizer(dataset, a.path)
-
-    # Synthetic inputs must be valid for every model in the run.
-    vocabs = [v for a in arts if (v := vocab_size(a))]
-    vocab = min(vocabs) if vocabs else 1000
-    for a in arts:
-        m = max_positions(a)
-        for s in settings.seq_lens:
-            if s != DATA and m is not None and s > m:
-                raise BadInput(f"{a.path}: --seq-lens {s} is longer than the model's {m} positions",
-                               hint=f"use --seq-lens {m} or less")
+    dataset = _dataset(arts, settings)
+    vocab = _check_shapes(arts, settings)
 
     _preimport(arts, settings.device)
     mem = PeakRSS()
-    warnings: list[str] = []
-    warnings += [w for a in arts if (w := int8_path_mismatch(a))]
+    warnings = [w for a in arts if (w := int8_path_mismatch(a))]
     load_before = _loadavg()
-    cores = os.cpu_count() or 1
-    if load_before is not None and load_before > 0.5 * cores:
-        warnings.append(f"the machine is busy (load average {load_before:.1f} on {cores} CPUs before measuring): "
-                        "expect noisy numbers; ratios from this run remain comparable")
+    if (busy := _busy(load_before)) is not None:
+        warnings.append(busy)
     for e in entries:
         log.info("loading %s (%s)", e.name, e.art.format)
         load(e, settings.device, threads, mem)
@@ -499,68 +464,20 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     split = None
     if dataset is not None and (DATA in settings.seq_lens or settings.eval_limit != 0):
         split = load_split(dataset, "test", limit=settings.eval_limit or None)
-
     shapes = [(b, s) for s in settings.seq_lens for b in settings.batch_sizes]
     results = []
-    total = len(shapes) * settings.rounds * len(entries)
-    with progress("measuring", total=total) as bar:
+    with progress("measuring", total=len(shapes) * settings.rounds * len(entries)) as bar:
         for b, s in shapes:
-            if s == DATA:
-                batches = data_batches(split, b)
-            else:
-                batches = [synthetic_batch(b, s, vocab, settings.seed)]
+            batches = data_batches(split, b) if s == DATA else [synthetic_batch(b, s, vocab, settings.seed)]
             shape = f"batch {b}, seq {s}"
             log.info("measuring %s: %s", shape, ", ".join(e.name for e in entries))
             measured = measure_shape(entries, batches, shape, settings, mem, bar)
-            real, width = _tokens(batches)
-            first = measured[entries[0].index]["throughputs"]
-            for e in entries:
-                m = measured[e.index]
-                row = {
-                    "artifact": e.name, "batch_size": b, "seq_len": s,
-                    "tokens_per_sample": real, "padded_len": width,
-                    "calls": len(m["latencies"]), "rounds": settings.rounds,
-                    "latency_ms": percentiles(m["latencies"]),
-                    "throughput": spread(m["throughputs"]),
-                    "speedup": {"vs": entries[0].name, **ratio(m["throughputs"], first)},
-                    "vs_parent": None,
-                }
-                if e.parent is not None:
-                    p = entries[e.parent]
-                    r = ratio(m["throughputs"], measured[p.index]["throughputs"])
-                    faster = r["median"] is not None and r["median"] >= NOISE
-                    row["vs_parent"] = {"parent": p.name, **r, "faster": faster}
-                    if not faster:
-                        warnings.append(f"{e.name} is no faster than its parent {p.name} at {shape} "
-                                        f"({r['median']:.2f}× throughput, needs ≥ {NOISE:.2f}× to count)")
-                results.append(row)
+            results += _shape_rows(entries, measured, (b, s, shape), _tokens(batches), settings, warnings)
 
     # Accuracy after timing, so evaluation never disturbs the clocks.
-    accuracy = {}
-    for e in entries:
-        accuracy[e.index] = _accuracy(e, dataset, split, settings, warnings)
+    accuracy = {e.index: _accuracy(e, dataset, split, settings, warnings) for e in entries}
     if dataset is None:
-        warnings.append("no dataset: accuracy not measured" + (f" ({dataset_note})" if dataset_note else "")
-                        + "; pass --data DATASET")
-
-    artifacts = []
-    for e in entries:
-        desc = e.runtime.describe() if hasattr(e.runtime, "describe") else {}
-        try:
-            params = count_parameters(e.art)
-        except MkError:
-            params = None
-        artifacts.append({
-            "name": e.name, "path": str(e.art.path), "format": e.art.format,
-            "runtime": desc.get("runtime", getattr(e.runtime, "name", None)),
-            "device": str(desc.get("device", getattr(e.runtime, "device", None))),
-            "threads": desc.get("threads", threads),
-            "parent": entries[e.parent].name if e.parent is not None else None,
-            "size_bytes": size_on_disk(e.art.path), "parameters": params,
-            "load_s": e.load_s, "load_rss_bytes": e.load_rss, "run_rss_bytes": e.run_rss,
-            "peak_rss_bytes": e.peak_rss, "gpu_peak_bytes": e.gpu_peak,
-            **accuracy[e.index],
-        })
+        warnings.append("no dataset: accuracy not measured; pass --data DATASET")
     return {
         "schema": SCHEMA,
         "mode": "offline",
@@ -574,9 +491,104 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
         },
         "environment": {**environment(threads, settings.threads),
                         "load_average": {"before": load_before, "after": _loadavg()}},
-        "artifacts": artifacts,
+        "artifacts": [_artifact_row(e, entries, accuracy[e.index], threads) for e in entries],
         "results": results,
         "warnings": warnings,
+    }
+
+
+def _dataset(arts: list[Artifact], settings: Settings) -> Artifact | None:
+    """--data, else the dataset of the first lineage that names one; checked against
+    every text model's tokenizer when its rows will be fed to them."""
+    from mk.core.dataset import lineage_dataset, open_dataset
+
+    if settings.data is not None:
+        dataset = open_dataset(settings.data)
+    else:
+        dataset = next((d for a in arts if (d := lineage_dataset(a)) is not None), None)
+    if DATA in settings.seq_lens and dataset is None:
+        raise BadInput("--seq-lens data: no dataset to take real inputs from",
+                       hint="pass --data DATASET (made by `mk prep`)")
+    if dataset is not None and (DATA in settings.seq_lens or settings.eval_limit != 0):
+        # rows tokenized by another tokenizer give meaningless inputs and accuracies, silently
+        from mk.core.tokenizer_match import check_same_tokenizer
+
+        for a in arts:
+            if a.task == "text-classification":
+                check_same_tokenizer(dataset, a.path)
+    return dataset
+
+
+def _check_shapes(arts: list[Artifact], settings: Settings) -> int:
+    """Every --seq-lens within every model's positions; the vocabulary that synthetic
+    inputs may draw from (valid for every model in the run)."""
+    for a in arts:
+        m = max_positions(a)
+        for s in settings.seq_lens:
+            if s != DATA and m is not None and s > m:
+                raise BadInput(f"{a.path}: --seq-lens {s} is longer than the model's {m} positions",
+                               hint=f"use --seq-lens {m} or less")
+    vocabs = [v for a in arts if (v := vocab_size(a))]
+    return min(vocabs) if vocabs else 1000
+
+
+def _busy(load_before: float | None) -> str | None:
+    cores = os.cpu_count() or 1
+    if load_before is not None and load_before > 0.5 * cores:
+        return (f"the machine is busy (load average {load_before:.1f} on {cores} CPUs before measuring): "
+                "expect noisy numbers; ratios from this run remain comparable")
+    return None
+
+
+def _shape_rows(entries: list[Entry], measured: dict, where: tuple, tokens: tuple, settings: Settings,
+                warnings: list[str]) -> list[dict]:
+    """One result row per artifact at one shape, with its speed-ups against the
+    first artifact and against its parent (a parent no slower is warned about)."""
+    b, s, shape = where
+    real, width = tokens
+    first = measured[entries[0].index]["throughputs"]
+    rows = []
+    for e in entries:
+        m = measured[e.index]
+        row = {
+            "artifact": e.name, "batch_size": b, "seq_len": s,
+            "tokens_per_sample": real, "padded_len": width,
+            "calls": len(m["latencies"]), "rounds": settings.rounds,
+            "latency_ms": percentiles(m["latencies"]),
+            "throughput": spread(m["throughputs"]),
+            "speedup": {"vs": entries[0].name, **ratio(m["throughputs"], first)},
+            "vs_parent": None,
+        }
+        if e.parent is not None:
+            p = entries[e.parent]
+            r = ratio(m["throughputs"], measured[p.index]["throughputs"])
+            faster = r["median"] is not None and r["median"] >= NOISE
+            row["vs_parent"] = {"parent": p.name, **r, "faster": faster}
+            if not faster:
+                warnings.append(f"{e.name} is no faster than its parent {p.name} at {shape} "
+                                f"({r['median']:.2f}× throughput, needs ≥ {NOISE:.2f}× to count)")
+        rows.append(row)
+    return rows
+
+
+def _artifact_row(e: Entry, entries: list[Entry], accuracy: dict, threads: int) -> dict:
+    from mk.core.info import count_parameters
+
+    desc = e.runtime.describe() if hasattr(e.runtime, "describe") else {}
+    try:
+        params = count_parameters(e.art)
+    except MkError:
+        params = None
+    return {
+        "name": e.name, "path": str(e.art.path), "format": e.art.format,
+        "runtime": desc.get("runtime", getattr(e.runtime, "name", None)),
+        "device": str(desc.get("device", getattr(e.runtime, "device", None))),
+        "threads": desc.get("threads", threads),
+        "parent": entries[e.parent].name if e.parent is not None else None,
+        "size_bytes": size_on_disk(e.art.path), "parameters": params,
+        "load_s": e.load_s, "load_rss_bytes": e.load_rss, "run_rss_bytes": e.run_rss,
+        "peak_rss_bytes": e.peak_rss, "gpu_peak_bytes": e.gpu_peak,
+        **accuracy,
     }
 
 
