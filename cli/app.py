@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import math
 import os
+import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from mk.core import __version__
 from mk.core.console import configure, console
-from mk.core.errors import INTERRUPTED, RUNTIME_FAILURE, GateFailed, MkError
+from mk.core.errors import INTERRUPTED, RUNTIME_FAILURE, BadInput, GateFailed, MkError
+
+# click's exceptions, from wherever this typer takes click (it vendors it since 0.26)
+_click = importlib.import_module(typer.BadParameter.__module__)
+_NO_ARGS_IS_HELP = getattr(_click, "NoArgsIsHelpError", ())
+
+
+class _Group(TyperGroup):
+    """Usage errors (a bad option value, an unknown option) in the contract's style,
+    `error: …` / `hint: …` and exit 2, instead of click's usage block and `Error: …`."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as e:  # a bare `mk`: the help, as click shows it
+            typer.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
+        except _click.UsageError as e:
+            message = e.format_message()
+            where = e.ctx.command_path if e.ctx is not None else "mk"
+            report(MkError(message[:1].lower() + message[1:], hint=f"see `{where} --help`"))
+            sys.exit(e.exit_code)
+        except _click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="mk",
     help="From a pretrained model and a labelled dataset to a fast, measured, served deployment.\n\n"
          "Each step reads an artifact folder and writes one, printing its path on stdout, so steps pipe:\n\n"
@@ -53,6 +89,14 @@ def _debug() -> bool:
     return os.environ.get("MK_DEBUG", "") not in ("", "0")
 
 
+def _check_finite(options: dict) -> None:
+    """NaN and infinity are no tolerance, allowance, duration or rate: refused up front
+    for every float option, before minutes of work end in a meaningless gate."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"--{name.replace('_', '-')} {value}: expected a finite number")
+
+
 def command(name: str, **kwargs):
     """Register a command whose errors end as `error: …` / `hint: …` and the
     contract's exit code; MK_DEBUG=1 re-raises for the traceback."""
@@ -63,6 +107,7 @@ def command(name: str, **kwargs):
             from mk.cli.output import emit
 
             try:
+                _check_finite(kw)
                 return fn(*args, **kw)
             except GateFailed as e:
                 if e.path is not None:  # the artifact was written for inspection

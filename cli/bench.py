@@ -60,8 +60,7 @@ def bench(
                            "[default: data with --data, else 128]")] = None,
     data: options.Data = None,
     device: options.Device = "auto",
-    threads: Annotated[Optional[int], typer.Option(
-        "--threads", min=1, help="Threads for every runtime (reported).  [default: physical cores]")] = None,
+    threads: options.Threads = None,
     duration: Annotated[Optional[float], typer.Option(
         "--duration", min=0.01, help="Seconds measured per artifact and shape (per concurrency level over HTTP). "
                                      " [default: 3; over HTTP 10]")] = None,
@@ -70,7 +69,10 @@ def bench(
     ] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds (A B A B …) to take medians of.")
                       ] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed calls per artifact and shape first.")] = 3,
+    warmup_calls: Annotated[int, typer.Option(
+        "--warmup-calls", min=1, help="Untimed calls per artifact and shape first.")] = 3,
+    warmup: Annotated[Optional[int], typer.Option(
+        "--warmup", min=1, hidden=True, help="Old spelling of --warmup-calls.")] = None,
     eval_limit: Annotated[Optional[int], typer.Option(
         "--eval-limit", min=0, help="Test rows for accuracy (0 skips it).  [default: all]")] = None,
     concurrency: Annotated[str, typer.Option(
@@ -88,9 +90,16 @@ def bench(
     baseline: Annotated[Optional[Path], typer.Option(
         "--baseline", help="A saved result (-o results.json) to compare with; exit 3 on a regression.")] = None,
     max_regress: Annotated[str, typer.Option(
-        "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline.")] = "5%",
+        "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline, in percent "
+        "(`5` and `5%` alike; `0.5` is half a percent).")] = "5%",
+    baseline_as: Annotated[Optional[str], typer.Option(
+        "--baseline-as", help="Pair artifacts saved under other names: BASELINE_NAME=NAME, comma separated "
+                              "(rows are matched by name only).")] = None,
     seed: options.Seed = 0,
     trust_pickle: options.TrustPickle = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing -o or --plot file (a -o .json only if it is a mk bench result).")
+    ] = False,
     as_json: options.Json = False,
 ):
     """Measure model artifacts side by side: latency, throughput, memory, size, accuracy.
@@ -108,15 +117,21 @@ def bench(
     """
     from mk.core.measurement.bench_report import check_paths
 
+    if warmup is not None:  # `mk tune --warmup` is the learning-rate warm-up; this one counts calls
+        from mk.core.console import log
+        log.warning("--warmup is now --warmup-calls (untimed calls); the old spelling will go in a later release")
+        warmup_calls = warmup
+
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
-    check_paths(output, plot)
-    allowance, base = None, None
+    check_paths(output, plot, force)
+    allowance, base, renames = None, None, {}
     if baseline is not None:
-        from mk.core.measurement.bench_gate import load_baseline, parse_allowance
+        from mk.core.measurement.bench_gate import load_baseline, parse_allowance, parse_renames
 
         allowance = parse_allowance(max_regress)
         base = load_baseline(baseline)
+        renames = parse_renames(baseline_as)
 
     if url is not None:
         if artifacts:
@@ -143,39 +158,39 @@ def bench(
             batch_sizes=core_bench.parse_ints(batch_sizes if batch_sizes is not None else "1,8,32", "--batch-sizes"),
             seq_lens=core_bench.parse_seq_lens(seq_lens if seq_lens is not None
                                                else ("data" if data is not None else "128")),
-            device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup,
+            device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup_calls,
             data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle)
         result = core_bench.run(paths, settings)
-    _finish(result, output, plot, base, allowance, baseline, as_json)
+    _finish(result, output, plot, (base, allowance, baseline, renames), as_json, force)
 
 
-def _finish(result: dict, output, plot, base, allowance, baseline, as_json: bool) -> None:
+def _finish(result: dict, output, plot, gating: tuple, as_json: bool, force: bool) -> None:
     from mk.core.measurement import bench_report
     from mk.core.console import console, quiet
 
+    base, allowance, baseline, renames = gating
     if base is not None:
         from mk.core.measurement.bench_gate import compare
 
-        result["gate"] = {"baseline": str(baseline), **compare(result, base, allowance)}
+        result["gate"] = {"baseline": str(baseline), **compare(result, base, allowance, renames)}
     if not quiet():
         bench_report.print_report(result, console)
     elif result.get("warnings"):
         for w in result["warnings"]:
             console.print(f"[bold yellow]warning:[/] {w}", markup=True, highlight=False, soft_wrap=True)
     if output is not None:
-        bench_report.write_output(result, output)
+        bench_report.write_output(result, output, force)
     if plot is not None:
-        bench_report.plot(result, plot)
+        bench_report.plot(result, plot, force)
     emit(output, result, as_json=as_json)
     gate = result.get("gate")
     if gate is not None:
         from mk.core.measurement.bench_gate import gate as run_gate
 
-        if not quiet():
-            for u in gate["unmatched"]:
-                console.print(f"[dim]baseline: not compared: {u}[/]", markup=True, highlight=False)
+        for u in gate["unmatched"]:
+            console.print(f"[bold yellow]warning:[/] baseline: not compared: {u}", markup=True, highlight=False)
         if gate["passed"] and not quiet():
             console.print(f"gate passed: {gate['checked']} measures within {gate['allowance_pct']:g}% of {baseline}",
                           style="green", highlight=False)
         elif not gate["passed"]:
-            run_gate(result, base, allowance, baseline)  # raises GateFailed: exit 3
+            run_gate(result, base, allowance, baseline, renames)  # raises GateFailed: exit 3

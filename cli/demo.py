@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,8 +18,7 @@ def demo(
                                         help="Tweets to take (stratified) from the embedded dataset.")] = 3000,
     epochs: Annotated[float, typer.Option("--epochs", min=0.1, help="Fine-tuning epochs.")] = 2,
     seed: options.Seed = 0,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1,
-                                                   help="CPU threads for the benchmark.")] = None,
+    threads: options.Threads = None,
     force: options.Force = False,
     as_json: options.Json = False,
 ):

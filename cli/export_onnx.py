@@ -31,7 +31,8 @@ def export_onnx(
     external_data: Annotated[Optional[bool], typer.Option(
         "--external-data/--no-external-data", show_default=False,
         help="Weights in model.onnx.data. [default: only for models over 2 GB]")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for verification.")] = None,
+    device: options.Device = "cpu",
+    threads: options.Threads = None,
     force: options.Force = False,
     trust_pickle: options.TrustPickle = False,
     as_json: options.Json = False,
@@ -41,11 +42,13 @@ def export_onnx(
     The torch and ONNX models run side by side on rows of the dataset (the one in
     the model's lineage, or --data; sample sentences when there is none) at several
     batch and sequence shapes; the largest logit difference is reported and stored
-    in mk.json. Above --atol the command exits 3 and keeps the artifact.
+    in mk.json. Above --atol the command exits 3 and keeps the artifact. The export
+    itself runs on the CPU; --device cuda verifies on the GPU (torch and ONNX
+    Runtime's CUDA provider), where the model will run.
     """
     from mk.core.compression.export import export_onnx as run
 
     result = run(read_input(model, "model"), output, data=data, atol=atol, optimize=optimize, fp16=fp16,
                  opset=opset, exporter=exporter, external_data=external_data, force=force,
-                 trust_pickle=trust_pickle, threads=threads)
+                 trust_pickle=trust_pickle, threads=threads, device=device)
     emit(Path(result["path"]), result, as_json=as_json)

@@ -23,7 +23,8 @@ def info(
     """Show an artifact's kind, format, labels, files, parameters, metrics and lineage.
 
     Reads only the manifest and file headers: fast, and it never imports torch.
-    Exits 2 when a listed file is missing or differs from the manifest.
+    Exits 2 when a listed file is missing or differs from the manifest, or the folder holds a file
+    the manifest does not list (`--force` would not replace such a folder either).
     """
     from mk.core.info import describe
 

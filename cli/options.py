@@ -14,6 +14,8 @@ Data = Annotated[Optional[Path], typer.Option(
     "--data", help="Dataset artifact (from `mk prep`); defaults to the one in the input's lineage.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same result.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for torch and ONNX Runtime (reported).  [default: physical cores]")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per batch.")]
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", min=8, help="Tokens per example.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
@@ -25,6 +27,14 @@ ApiKey = Annotated[Optional[str], typer.Option(
     "--api-key", envvar="MK_API_KEY", show_envvar=True, show_default=False,
     help="The server's key, sent as `Authorization: Bearer KEY` (mk serve checks it on every route but health "
          "and metrics).")]
+
+
+Confidence = Annotated[float, typer.Option(
+    "--confidence", help="How sure the accuracy gate must be that the drop exceeds --max-drop before it fails "
+                         "(exact interval on the paired answers of parent and child).")]
+GateTest = Annotated[str, typer.Option(
+    "--gate-test", help="paired: fail when the drop's --confidence interval lies wholly above --max-drop "
+                        "(McNemar-style, knows the sample size); point: fail when the observed drop is above it.")]
 
 
 def input_argument(help: str):

@@ -22,20 +22,29 @@ def emit(path: Path | None, result: dict | None = None, as_json: bool = False) -
 
 
 def read_input(arg: Path | None, what: str = "input") -> Path:
-    """The input path: the argument, else the first line piped on stdin. A JSON
-    object on stdin (an upstream `--json`) gives its "path"."""
+    """The input path: the argument, else the one line piped on stdin (more than one
+    path is ambiguous, exit 2). A JSON object on stdin (an upstream `--json`) gives
+    its "path"."""
     if arg is not None:
         return arg
     if sys.stdin is None or sys.stdin.isatty():
         raise BadInput(f"no {what} given", hint=f"pass the {what} path, or pipe it on stdin")
     text = sys.stdin.read().strip()
-    if text.startswith("{"):
-        try:
-            text = str(json.loads(text)["path"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise BadInput(f"stdin: JSON without a \"path\" where the {what} path was expected") from None
-    lines = text.splitlines()
-    if not lines:
+    if not text:
         raise BadInput(f"stdin was empty where the {what} path was expected",
                        hint="did the command before the pipe fail?")
-    return Path(lines[-1].strip())
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"stdin: invalid JSON ({e.msg} at line {e.lineno}) where the {what} path was "
+                           "expected", hint="did the command before the pipe stop half-way?") from None
+        path = obj.get("path") if isinstance(obj, dict) else None
+        if not isinstance(path, str) or not path.strip():
+            raise BadInput(f"stdin: JSON without a \"path\" string where the {what} path was expected")
+        return Path(path)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        raise BadInput(f"stdin: {len(lines)} lines where one {what} path was expected",
+                       hint="this command reads one input: pipe one path, or pass it as an argument")
+    return Path(lines[0])

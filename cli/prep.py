@@ -37,6 +37,11 @@ def prep(
         "--sample", min=1, help="Keep a stratified sample of N rows before splitting (quick runs).")] = None,
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="Skip and count images that will not decode, instead of stopping.")] = False,
+    encoding: Annotated[str, typer.Option(
+        "--encoding", help="Encoding of the text files: any codec Python knows (latin-1, cp1252, utf-16 …).")] = "utf-8",
+    encoding_errors: Annotated[str, typer.Option(
+        "--encoding-errors", help="strict: stop at the first undecodable byte; replace: put U+FFFD there "
+        "and count it in the cleaning report.")] = "strict",
     force: options.Force = False,
     as_json: options.Json = False,
 ):
@@ -52,7 +57,8 @@ def prep(
 
     opts = PrepOptions(tokenizer=tokenizer, text_col=text_col, text_pair_col=text_pair_col, label_col=label_col,
                        split_col=split_col, val=val, test=test, split=parse_split(split), seed=seed,
-                       max_length=max_length, sample=sample, skip_bad=skip_bad, force=force)
+                       max_length=max_length, sample=sample, skip_bad=skip_bad, encoding=encoding,
+                       encoding_errors=encoding_errors, force=force)
     src = source if source is not None else str(read_input(None, "data source"))
     result = run_prep(src, output, opts)
     _summary(result)

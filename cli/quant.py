@@ -23,14 +23,19 @@ def quant(
     data: options.Data = None,
     max_drop: Annotated[float, typer.Option(
         "--max-drop", min=0, help="Largest allowed accuracy drop in points on the test split; "
-                                  "above it exit 3, artifact kept.")] = 1.0,
+                                  "above it (see --gate-test) exit 3, artifact kept.")] = 1.0,
+    confidence: options.Confidence = 0.95,
+    gate_test: options.GateTest = "paired",
     calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Calibration rows (static).")] = 256,
     calib_method: Annotated[str, typer.Option(
         "--calib-method", help="minmax, entropy or percentile (static).")] = "minmax",
-    per_channel: Annotated[bool, typer.Option(
-        "--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
-    reduce_range: Annotated[bool, typer.Option(
-        "--reduce-range", help="7-bit weights, for CPUs without VNNI (avoids overflow).")] = False,
+    per_channel: Annotated[Optional[bool], typer.Option(
+        "--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.  "
+                                           "[default: chosen for this CPU]", show_default=False)] = None,
+    reduce_range: Annotated[Optional[bool], typer.Option(
+        "--reduce-range/--full-range", help="7-bit weights (no saturation on CPUs without VNNI) or full 8-bit.  "
+                                            "[default: 7-bit only on a CPU without VNNI]",
+        show_default=False)] = None,
     fuse: Annotated[bool, typer.Option(
         "--fuse/--no-fuse", help="Apply ONNX Runtime's transformer fusions before quantizing.")] = False,
     op_types: Annotated[str, typer.Option(
@@ -47,9 +52,11 @@ def quant(
     """Quantize a model with ONNX Runtime and check that it keeps its accuracy.
 
     The parent and the quantized model are evaluated on the test split of the
-    dataset in the lineage (or --data); both accuracies go into mk.json, and a drop
-    of more than --max-drop points exits 3 with the artifact kept. The defaults are
-    the fastest setting measured that keeps accuracy (README, "Quantization").
+    dataset in the lineage (or --data); both accuracies and the drop's interval go
+    into mk.json, and a drop larger than --max-drop points with --confidence exits 3
+    with the artifact kept. The defaults are the fastest setting measured that keeps
+    accuracy (README, "Quantization"); per-channel and reduce-range are chosen for
+    this CPU's int8 arithmetic unless given.
     """
     from mk.core.compression.quantize import QuantSettings, quantize
 
@@ -58,5 +65,5 @@ def quant(
                              calib_size=calib_size, calib_method=calib_method)
     result = quantize(read_input(model, "model"), output, method=method, data=data, max_drop=max_drop,
                       settings=settings, gate=gate, threads=threads, batch_size=batch_size, force=force,
-                      trust_pickle=trust_pickle)
+                      trust_pickle=trust_pickle, confidence=confidence, gate_test=gate_test)
     emit(Path(result["path"]), result, as_json=as_json)

@@ -56,6 +56,7 @@ def serve(
     """
     from mk.core.artifact import open_artifact
     from mk.core.console import console
+    from mk.core.cpu import warn_int8_path_mismatch
     from mk.core.device import check_device
     from mk.core.serving import auth
     from mk.core.serving.model import Limits
@@ -67,6 +68,7 @@ def serve(
     auth.check_exposure(host, api_key, insecure)
     art = open_artifact(ref, kind="model", trust_pickle=trust_pickle)
     check_servable(art)
+    warn_int8_path_mismatch(art)
     limits = Limits(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                     max_inputs=max_inputs, max_tokens=max_tokens, timeout_s=timeout, truncate=truncate)
     opts = ServeOptions(name=name_of(model_name, ref), host=host, port=port, device=device, threads=threads,

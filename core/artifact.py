@@ -1,4 +1,4 @@
-"""Artifacts: directories with a manifest `mk.json`, written atomically.
+"""Artifacts: directories with a manifest `mk.json` (written atomically by `outputs`).
 
 Every step of mk reads one artifact and writes another. The manifest says what
 the artifact is (kind, format, task, labels), who made it from what (created_by,
@@ -13,10 +13,7 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
-import signal
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +39,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_entries(root: Path) -> list[dict]:
+def file_entries(root: Path, hashes: bool = True) -> list[dict]:
     """Every file of an artifact but the manifest: name (relative), bytes, sha256."""
     root = Path(root)
     return [
-        {"name": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        {"name": p.relative_to(root).as_posix(), "bytes": p.stat().st_size}
+        | ({"sha256": sha256_file(p)} if hashes else {})
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
     ]
 
 
@@ -192,9 +190,45 @@ def read_manifest(path: Path) -> dict:
                        ("dataset", (dict, type(None))), ("files", (list, type(None)))):
         if key in manifest and not isinstance(manifest[key], types):
             problems.append(f"{key!r} is a {type(manifest[key]).__name__}")
+    for key in ("parent", "dataset"):
+        link = manifest.get(key)
+        if isinstance(link, dict):
+            problems += [f"{key}.{field} is {link[field]!r}, expected a string"
+                         for field in ("path", "abs_path", "sha256")
+                         if link.get(field) is not None and not isinstance(link[field], str)]
+    if isinstance(manifest.get("files"), list):
+        problems += _file_entry_problems(manifest["files"])
     if problems:
         raise BadInput(f"{mpath}: invalid manifest: {'; '.join(problems)}")
     return manifest
+
+
+def _file_entry_problems(entries: list) -> list[str]:
+    """A manifest lists files inside its own folder only: a name such as
+    `../x` or `/etc/passwd` would make `--verify` (and --force) reach outside."""
+    problems = []
+    for i, e in enumerate(entries):
+        where = f"files[{i}]"
+        if not isinstance(e, dict):
+            problems.append(f"{where} is a {type(e).__name__}, expected an object")
+            continue
+        name = e.get("name")
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where} has no 'name'")
+        elif not plain_relative(name):
+            problems.append(f"{where}.name {name!r} is not a plain relative name inside the artifact")
+        if not isinstance(e.get("bytes"), int) or isinstance(e.get("bytes"), bool) or e["bytes"] < 0:
+            problems.append(f"{where}.bytes is {e.get('bytes')!r}, expected a byte count")
+        if "sha256" in e and not (isinstance(e["sha256"], str) and len(e["sha256"]) == 64):
+            problems.append(f"{where}.sha256 is not a sha256 hex digest")
+    return problems
+
+
+def plain_relative(name: str) -> bool:
+    """`a/b.bin` yes; `/etc/passwd`, `../x`, `a/../../x`, `C:\\x`, `a\\b` no."""
+    parts = name.split("/")
+    return (not name.startswith("/") and "\\" not in name and ":" not in parts[0]
+            and all(p not in ("", ".", "..") for p in parts))
 
 
 def open_artifact(path: str | Path, kind: str | None = None, trust_pickle: bool = False) -> Artifact:
@@ -242,74 +276,6 @@ def write_manifest(root: Path, *, kind: str, format: str, labels: list[str], tas
     }
     (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
-
-
-def check_output(out: Path, force: bool, inputs=()) -> Path:
-    """Refuse, before any work, an output that cannot or must not be written: one that
-    exists (unless --force), one whose parent is missing, not a folder or not writable,
-    and one that is an input or holds one (--force would delete it)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise BadInput(f"{out}: already exists", hint="pass --force to overwrite it, or choose another -o")
-    parent = out.parent
-    if not parent.exists():
-        raise BadInput(f"{parent}: the output's parent folder does not exist")
-    if not parent.is_dir():
-        raise BadInput(f"{parent}: the output's parent is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"{parent}: the output's parent folder is not writable")
-    target = out.resolve()
-    for ref in inputs:
-        if ref is not None and Path(ref).exists() and Path(ref).resolve().is_relative_to(target):
-            raise BadInput(f"-o {out}: would overwrite the input {ref}", hint="choose another -o")
-    return out
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so every `finally` and `with` block cleans up."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
-@contextmanager
-def terminate_as_interrupt():
-    """Within the block SIGTERM unwinds the stack like SIGINT does (main thread only)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def atomic_output(out: str | Path, force: bool = False):
-    """Yield a temporary sibling folder; rename it to `out` only when the block ends
-    cleanly. On an exception, SIGINT or SIGTERM the temporary folder is removed
-    and an existing `out` is left as it was."""
-    out = check_output(Path(out), force)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        with terminate_as_interrupt():
-            yield tmp
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-            else:
-                tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def require(condition: bool, message: str, hint: str | None = None) -> None:

@@ -30,6 +30,17 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
     log.propagate = False
 
 
+def quiet_onnxruntime() -> int:
+    """ONNX Runtime logs from C++ straight to stderr, in colour whatever NO_COLOR says,
+    and its lines cannot be routed through mk's console: they show only with -v. Its
+    errors still reach the user, as the exceptions mk reports as `error: …`."""
+    import onnxruntime
+
+    severity = 2 if _state["verbosity"] > 0 else 4
+    onnxruntime.set_default_logger_severity(severity)
+    return severity
+
+
 def quiet() -> bool:
     return _state["verbosity"] < 0
 

@@ -65,17 +65,24 @@ def open_dataset(path: str | Path) -> Artifact:
     return open_artifact(path, kind="dataset")
 
 
-def dataset_for(model: Artifact, data: str | Path | None) -> Artifact:
-    """`--data` when given, else the dataset recorded in the model's lineage."""
-    if data is not None:
-        return open_dataset(data)
+def lineage_dataset(model: Artifact) -> Artifact | None:
+    """The dataset the nearest artifact of the model's lineage records, or None when
+    none records one (a lineage that names a dataset that is gone is an error)."""
     for art, _ in model.lineage():
         if art is not None and (p := art.dataset_path()) is not None:
             if not p.exists():
                 raise BadInput(f"{model.path}: its lineage names the dataset {p}, which no longer exists",
                                hint="pass --data DATASET")
             return open_dataset(p)
-    raise BadInput(f"{model.path}: no dataset in its lineage", hint="pass --data DATASET (made by `mk prep`)")
+    return None
+
+
+def dataset_for(model: Artifact, data: str | Path | None) -> Artifact:
+    """`--data` when given, else the dataset recorded in the model's lineage."""
+    found = open_dataset(data) if data is not None else lineage_dataset(model)
+    if found is None:
+        raise BadInput(f"{model.path}: no dataset in its lineage", hint="pass --data DATASET (made by `mk prep`)")
+    return found
 
 
 def save_split(root: Path, split: str, arrays: dict[str, np.ndarray]) -> Path:

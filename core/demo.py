@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from mk.core.artifact import atomic_output
 from mk.core.console import console
 from mk.core.errors import MkError
+from mk.core.outputs import artifact_blocker, atomic_output, describe
 
 
 def mk_executable() -> list[str]:
@@ -40,12 +40,29 @@ def demo_steps(sample: int, epochs: float, seed: int, threads: int | None) -> li
     ]
 
 
+def demo_blocker(path: Path) -> str | None:
+    """--force replaces a demo folder: the artifacts and files `mk demo` writes, nothing else."""
+    from mk.core.measurement.bench_report import is_bench_result
+
+    if (why := artifact_blocker(path)) is None or describe(path) != "a folder":
+        return why
+    for entry in sorted(path.iterdir()):
+        if entry.name in ("data", "tuned", "onnx", "int8") and artifact_blocker(entry) is None:
+            continue
+        if entry.name == "bench.json" and is_bench_result(entry) is None:
+            continue
+        if entry.name == "bench.png" and describe(entry) == "a file":
+            continue
+        return f"a folder holding {entry.name}, which `mk demo` does not write"
+    return None
+
+
 def run_demo(out: Path, sample: int = 3000, epochs: float = 2, seed: int = 0, threads: int | None = None,
              force: bool = False) -> dict:
     """Run every step into a temporary folder renamed to `out` when all succeed."""
     mk = mk_executable()
     timings = {}
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, demo_blocker) as tmp:
         for name, args in demo_steps(sample, epochs, seed, threads):
             console.print(f"[bold cyan]$ mk {shlex.join(args)}[/]", markup=True, highlight=False)
             t0 = time.perf_counter()

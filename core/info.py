@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mk.core.artifact import HF_PICKLES, MANIFEST, Artifact, file_entries, open_artifact
+from mk.core.artifact import HF_PICKLES, MANIFEST, Artifact, file_entries, open_artifact, sha256_file
 from mk.core.errors import BadInput
 from mk.core.safetensors_info import parameter_count
 
@@ -34,30 +34,45 @@ def count_parameters(art: Artifact) -> int | None:
     return None
 
 
-def check_files(art: Artifact) -> list[str]:
-    """Files whose size differs from the manifest, or that are gone (sha256 is
-    left to --verify: hashing gigabytes is not what `info` should cost)."""
-    listed = art.manifest.get("files") or []
+def check_files(art: Artifact, verify: bool = False) -> list[str]:
+    """Listed files that are gone or whose size differs from the manifest, and files
+    the manifest does not list; with `verify`, every listed file is hashed from
+    disk (hashing gigabytes is not what a plain `info` should cost)."""
+    if not art.has_manifest:
+        return []
     problems = []
-    for entry in listed:
-        p = art.path / entry["name"]
-        if not p.is_file():
-            problems.append(f"{entry['name']}: missing")
+    for entry in art.manifest["files"] or []:
+        name, p = entry["name"], art.path / entry["name"]
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            problems.append(f"{name}: not a regular file inside the artifact")
+        elif not p.is_file():
+            problems.append(f"{name}: missing")
         elif p.stat().st_size != entry["bytes"]:
-            problems.append(f"{entry['name']}: {p.stat().st_size} bytes, manifest says {entry['bytes']}")
+            problems.append(f"{name}: {p.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif verify:
+            problems += _hash_problem(p, entry)
+    listed = {e["name"] for e in art.manifest["files"] or []}
+    problems += [f"{e['name']}: not listed in the manifest" for e in file_entries(art.path, hashes=False)
+                 if e["name"] not in listed]
     return problems
+
+
+def _hash_problem(path: Path, entry: dict) -> list[str]:
+    if not entry.get("sha256"):
+        return [f"{entry['name']}: the manifest records no sha256 to verify"]
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        return [f"{entry['name']}: unreadable ({e.strerror})"]
+    return [] if digest == entry["sha256"] else [f"{entry['name']}: sha256 differs from the manifest"]
 
 
 def describe(path: str | Path, lineage: bool = False, verify: bool = False) -> dict:
     # info reads headers and manifests only, never unpickles weights: a pickled folder is described, not refused
     art = open_artifact(path, trust_pickle=True)
     files = art.manifest.get("files") or [
-        {"name": e["name"], "bytes": e["bytes"]} for e in file_entries(art.path)]
-    problems = check_files(art)
-    if verify and art.has_manifest:
-        actual = {e["name"]: e["sha256"] for e in file_entries(art.path)}
-        problems += [f"{e['name']}: sha256 differs from the manifest"
-                     for e in art.manifest["files"] if actual.get(e["name"], e["sha256"]) != e["sha256"]]
+        {"name": e["name"], "bytes": e["bytes"]} for e in file_entries(art.path, hashes=False)]
+    problems = check_files(art, verify)
     info = {
         "path": str(art.path),
         "kind": art.kind,

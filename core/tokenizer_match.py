@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mk.core.artifact import Artifact
 from mk.core.console import log
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, library_error
 
 # The files whose presence means "this folder holds a tokenizer".
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -28,7 +28,7 @@ def load_tokenizer(path: Path):
         return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                                           trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BadInput(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise library_error(e, path, "cannot load its tokenizer") from None
 
 
 def special_token_ids(tok) -> dict[str, int]:

@@ -73,6 +73,10 @@ def build(model: Path, data: Path | None, work: Path, sweep: bool) -> list[dict]
                 return None
         return out
 
+    from mk.core.cpu import int8_settings, this_cpu
+
+    other_range = not int8_settings(this_cpu().flags, "dynamic")["reduce_range"]  # the sweep tries the other one
+    other_name, other_flag = ("reduce-range", "--reduce-range") if other_range else ("full-range", "--full-range")
     fp32 = exp("onnx-fp32")
     variants = [
         {"name": "torch fp32 eager", "path": model, "what": "transformers, SDPA attention"},
@@ -86,7 +90,7 @@ def build(model: Path, data: Path | None, work: Path, sweep: bool) -> list[dict]
         dyn = fp32
         more = [
             ("int8 dyn per-tensor", quant("sw-dyn-per-tensor", dyn, per_channel=False), "--per-tensor"),
-            ("int8 dyn reduce-range", quant("sw-dyn-reduce-range", dyn, reduce_range=True), "--reduce-range"),
+            (f"int8 dyn {other_name}", quant(f"sw-dyn-{other_name}", dyn, reduce_range=other_range), other_flag),
             ("int8 dyn MatMul only", quant("sw-dyn-matmul", dyn, op_types=["MatMul"]),
              "--op-types MatMul (embeddings stay fp32)"),
             ("int8 dyn all ops", quant("sw-dyn-all-ops", dyn, op_types=[], matmul_const_b_only=False),
@@ -101,6 +105,8 @@ def build(model: Path, data: Path | None, work: Path, sweep: bool) -> list[dict]
             ("ORT fp32 dynamo export", work / "sw-onnx-dynamo", "dynamo=True, no attention fusion"),
             ("int8 static per-tensor", quant("sw-st-per-tensor", fp32, method="static", per_channel=False),
              "--method static --per-tensor"),
+            (f"int8 static {other_name}", quant(f"sw-st-{other_name}", fp32, method="static",
+                                                reduce_range=other_range), f"--method static {other_flag}"),
             ("int8 static entropy", quant("sw-st-entropy", fp32, method="static", calib_method="entropy"),
              "--method static --calib-method entropy"),
             ("int8 static percentile", quant("sw-st-percentile", fp32, method="static", calib_method="percentile"),
@@ -174,19 +180,21 @@ def environment(threads: int) -> dict:
     import torch
     import transformers
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
-    except (OSError, StopIteration):
-        isa = []
-    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    from mk.core.cpu import int8_settings, this_cpu
+
+    cpu = this_cpu()
+    return {**cpu.record(), "cpu": cpu.model, "int8_settings": int8_settings(cpu.flags, "dynamic"),
+            "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__}
+
+
+def cpu_line(env: dict) -> str:
+    """The CPU every figure comes from: model, the flags that decide int8, and mk's choice there."""
+    chosen = ", ".join(f"{k} {v}" for k, v in env["int8_settings"].items())
+    return (f"CPU: {env['cpu']} ({env['cores']} cores; {' '.join(env['flags']) or 'no SIMD flags read'}; "
+            f"int8 path {env['int8_path']}: mk quant chooses {chosen}); torch {env['torch']}, "
+            f"transformers {env['transformers']}, onnxruntime {env['onnxruntime']}")
 
 
 def main() -> None:
@@ -195,7 +203,7 @@ def main() -> None:
     from mk.core.artifact import open_artifact
     from mk.core.console import configure
     from mk.core.dataset import dataset_for
-    from mk.core.measurement.evaluate import classification_metrics, predict
+    from mk.core.evaluation import classification_metrics, predict
     from mk.core.runtime import load_runtime
 
     configure(quiet=True)
@@ -207,9 +215,7 @@ def main() -> None:
     variants = build(model.path, dataset.path, work, args.sweep)
 
     env = environment(args.threads)
-    print(f"{env['cpu']} ({', '.join(env['isa'])}), {env['cores']} cores; threads {args.threads} for torch "
-          f"and ONNX Runtime; torch {env['torch']}, transformers {env['transformers']}, "
-          f"onnxruntime {env['onnxruntime']}", file=sys.stderr)
+    print(cpu_line(env), file=sys.stderr)
     runtimes = {}
     from mk.core.dataset import load_split
 
@@ -267,8 +273,8 @@ def main() -> None:
             + " | " + " | ".join(f"{r[b]['speedup_vs_torch']:.2f}×" for b in batch_sizes)
             + f" | {100 * v['accuracy']:.2f}% | {100 * v['macro_f1']:.2f}% | {100 * v['agreement']:.1f}% "
             f"| {v['bytes'] / 1e6:.1f} | {v['what']} |")
-    print(f"\nsequence {args.seq_len}, threads {args.threads} (torch and ORT), {args.repeats} interleaved rounds, "
-          f"medians; test split of {dataset.path} ({variants[0]['test_rows']} rows)")
+    print(f"\n{cpu_line(env)}\nsequence {args.seq_len}, threads {args.threads} (torch and ORT), {args.repeats} "
+          f"interleaved rounds, medians; test split of {dataset.path} ({variants[0]['test_rows']} rows)")
     print("\n".join(lines))
 
     if args.profile:

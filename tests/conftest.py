@@ -47,6 +47,16 @@ def tweets_rows() -> list[tuple[str, str]]:
     return [(r["text"], r["sentiment"]) for r in csv.DictReader(io.StringIO(raw))]
 
 
+def write_labelled_csv(path: Path, rows, per_label: int) -> Path:
+    """A text,label CSV of the first `per_label` rows of each label."""
+    by_label: dict[str, list[str]] = {}
+    for text, label in rows:
+        by_label.setdefault(label, []).append(text)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label")] + [(t, l) for l, ts in by_label.items() for t in ts[:per_label]])
+    return path
+
+
 def make_tiny_model(out: Path, tokenizer_dir: Path, labels=LABELS, seed: int = 0, layers: int = 2) -> Path:
     """A BERT classifier with hidden size 32 and the real MiniLM tokenizer."""
     import torch

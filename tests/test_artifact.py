@@ -9,11 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import textwrap
 
 import pytest
 
-from mk.core.artifact import MANIFEST, atomic_output, open_artifact, write_manifest
+from mk.core.artifact import MANIFEST, open_artifact, write_manifest
+from mk.core.outputs import atomic_output
 from mk.core.errors import BadInput
 
 
@@ -47,8 +49,8 @@ def test_lineage_follows_parents_and_notices_a_changed_parent(tmp_path):
     from mk.core.dataset import dataset_for
     assert dataset_for(c, None).path == data.path.resolve()
     # rewriting b (a new run) changes its digest: c's link is flagged
-    _make(tmp_path / "b2", parent=a)
-    (tmp_path / "b" / MANIFEST).write_text((tmp_path / "b2" / MANIFEST).read_text().replace("b2", "b"))
+    manifest = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    (tmp_path / "b" / MANIFEST).write_text(json.dumps(manifest | {"metrics": {"accuracy": 0.9}}))
     assert open_artifact(tmp_path / "c").lineage()[1][1]["changed"]
 
 
@@ -77,7 +79,7 @@ def test_atomic_output_leaves_nothing_on_failure_and_keeps_existing_output(tmp_p
 def test_a_signal_in_the_middle_of_writing_leaves_nothing(tmp_path, sig):
     script = textwrap.dedent(f"""
         import sys, time
-        from mk.core.artifact import atomic_output
+        from mk.core.outputs import atomic_output
         with atomic_output({str(tmp_path / 'out')!r}) as tmp:
             (tmp / "part.bin").write_bytes(b"x" * 1000)
             print("ready", flush=True)
@@ -126,7 +128,7 @@ def test_a_tree_of_artifacts_keeps_its_lineage_when_moved(tmp_path):
 
 
 def test_check_output_refuses_what_cannot_or_must_not_be_written(tmp_path):
-    from mk.core.artifact import check_output
+    from mk.core.outputs import check_output
     from mk.core.errors import BadInput
 
     afile = tmp_path / "afile"
@@ -163,3 +165,38 @@ def test_a_hand_edited_manifest_of_the_wrong_shape_is_named(tmp_path, tiny_model
     (art / "mk.json").write_text(json.dumps({**manifest, key: value}))
     with pytest.raises(BadInput, match=f"invalid manifest: '{key}' is a"):
         open_artifact(art)
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"name": "../../elsewhere.csv", "bytes": 1}, "not a plain relative name"),
+    ({"name": "/etc/passwd", "bytes": 1}, "not a plain relative name"),
+    ({"bytes": 1}, "files[1] has no 'name'"),
+    ({"name": "x", "bytes": "12"}, "files[1].bytes is '12'"),
+    (7, "files[1] is a int, expected an object"),
+    ({"path": 5, "sha256": "x"}, "parent.path is 5, expected a string"),
+])
+def test_manifest_file_entries_stay_inside_the_artifact(tmp_path, entry, problem):
+    _make(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    if problem.startswith("parent"):
+        manifest["parent"] = entry
+    else:
+        manifest["files"].append(entry)
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BadInput, match=re.escape(problem)):
+        open_artifact(tmp_path / "m")
+
+
+def test_verify_hashes_every_listed_file_from_disk_and_reports_extra_files(tmp_path):
+    from mk.core.info import describe
+
+    _make(tmp_path / "m")
+    assert describe(tmp_path / "m", verify=True)["problems"] == []
+    (tmp_path / "m" / "payload.bin").write_bytes(b"WEIGHTS")  # same size, other bytes
+    (tmp_path / "m" / "extra.txt").write_text("x")
+    problems = describe(tmp_path / "m", verify=True)["problems"]
+    assert problems == ["payload.bin: sha256 differs from the manifest", "extra.txt: not listed in the manifest"]
+    (tmp_path / "m" / "payload.bin").unlink()
+    os.mkfifo(tmp_path / "m" / "payload.bin")  # unreadable as a file: reported, not trusted
+    problems = describe(tmp_path / "m", verify=True)["problems"]
+    assert problems[0] == "payload.bin: not a regular file inside the artifact"

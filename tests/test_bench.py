@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 import warnings
@@ -14,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import LABELS, copy_with_other_tokenizer, make_tiny_model, run_mk
+from mk.core.errors import BadInput
 
 ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
-FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup", "2"]
+FAST = ["--threads", "1", "--iters", "6", "--rounds", "3", "--warmup-calls", "2"]
 
 
 def model_artifact(src: Path, out: Path, dataset: Path | None = None, parent: Path | None = None) -> Path:
@@ -182,10 +184,14 @@ def _edited(result: dict, path: Path, throughput: float = 1.0, p99: float = 1.0,
 
 def test_gate_compare_in_process(offline):
     from mk.core.measurement.bench_gate import compare, gate, parse_allowance
-    from mk.core.errors import GateFailed
+    from mk.core.errors import BadInput, GateFailed
 
     r = offline["result"]
-    assert parse_allowance("5%") == parse_allowance("5") == parse_allowance("0.05") == 0.05
+    assert parse_allowance("5%") == parse_allowance("5") == 0.05
+    assert parse_allowance("0.5") == parse_allowance("0.5%") == 0.005  # a number is a percentage, whatever its size
+    for bad in ("nan", "100", "-1", "fast"):
+        with pytest.raises(BadInput):
+            parse_allowance(bad)
     assert compare(r, r, 0.0)["passed"]
     claims = json.loads(json.dumps(r))
     for row in claims["results"]:
@@ -252,8 +258,8 @@ def test_bad_options_exit_2_before_measuring(arts, tmp_path):
     for args, text in ((["--duration", "1", "--iters", "2"], "--duration and --iters"),
                        (["-o", str(tmp_path / "r.txt")], "unknown file type"),
                        # was "unexpected IsADirectoryError", exit 1, after measuring
-                       (["-o", str(tmp_path / "folder.json")], "is a folder"),
-                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is not a folder"),
+                       (["-o", str(tmp_path / "folder.json")], "already exists (a folder)"),
+                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is a file, not a folder"),
                        (["--batch-sizes", "0,8"], "--batch-sizes"),
                        (["--seq-lens", "abc"], "--seq-lens"),
                        (["--baseline", str(tmp_path / "none.json")], "--baseline"),
@@ -324,3 +330,53 @@ def test_parent_comparison_and_stats():
     assert s["median"] == 10.0 and s["spread_pct"] == 20.0
     p = percentiles([0.001] * 99 + [0.1])
     assert p["p50"] == 1.0 and p["max"] == 100.0 and p["p99"] > p["p90"]
+
+
+def test_old_warmup_spelling_still_works_and_says_so(arts):
+    """`--warmup` meant untimed calls here and the learning-rate warm-up in `mk tune`:
+    bench's is now --warmup-calls; the old spelling keeps working with a deprecation line."""
+    proc = run_mk("bench", str(arts["onnx"]), "--threads", "1", "--iters", "2", "--rounds", "1", "--warmup", "2",
+                  "--batch-sizes", "1", "--eval-limit", "0", "--json", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "--warmup is now --warmup-calls" in proc.stderr
+    assert json.loads(proc.stdout)["settings"]["warmup"] == 2
+
+
+def _synthetic(names=("tuned", "int8"), throughput=100.0) -> dict:
+    return {"schema": "mk.bench/1", "mode": "offline",
+            "artifacts": [{"name": n, "accuracy": 0.9} for n in names],
+            "results": [{"artifact": n, "batch_size": 1, "seq_len": 128, "throughput": {"median": throughput},
+                         "latency_ms": {"p99": 10.0}} for n in names]}
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda b: b["results"][0]["throughput"].update(median="fast"), "results[0].throughput.median is 'fast'"),
+    (lambda b: b["results"][0].pop("artifact"), "results[0] has no 'artifact'"),
+    (lambda b: b["results"].__setitem__(1, 5), "results[1] is a int"),
+    (lambda b: b["results"][0].update(latency_ms=3), "results[0].latency_ms is 3"),
+    (lambda b: b["artifacts"][0].update(accuracy="high"), "artifacts[0] needs a name and a numeric accuracy"),
+])
+def test_a_malformed_baseline_is_exit_2_naming_the_field(tmp_path, edit, field):
+    from mk.core.measurement.bench_gate import load_baseline
+
+    base = _synthetic()
+    edit(base)
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    with pytest.raises(BadInput, match=re.escape(field)):
+        load_baseline(tmp_path / "b.json")
+
+
+def test_a_baseline_of_other_artifacts_is_not_matched_by_position():
+    from mk.core.measurement.bench_gate import compare, parse_renames
+
+    other = _synthetic(("their-model", "their-int8"), throughput=10.0)  # ten times slower: would "pass"
+    with pytest.raises(BadInput, match="no artifact and shape in common") as e:
+        compare(_synthetic(), other, 0.05)
+    assert "their-model" in e.value.message and "--baseline-as" in e.value.hint
+    verdict = compare(_synthetic(), other, 0.05, parse_renames("their-model=tuned"))
+    assert verdict["passed"] and verdict["checked"] == 3
+    assert verdict["unmatched"] == ["their-int8 at batch 1, seq 128", "int8 at batch 1, seq 128"]
+    with pytest.raises(BadInput, match="the baseline has no artifact nope"):
+        compare(_synthetic(), other, 0.05, parse_renames("nope=tuned"))
+    with pytest.raises(BadInput, match="BASELINE_NAME=NAME"):
+        parse_renames("tuned")

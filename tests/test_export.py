@@ -90,6 +90,17 @@ def test_opset_past_what_onnx_knows_exit_2_and_exporter_dumps_stay_off_stdout(tm
     assert r.stdout == "" and not (tmp_path / "o24").exists()
 
 
+def test_a_device_that_cannot_verify_is_exit_2_before_exporting(tmp_path, tiny_model):
+    import torch
+
+    for device, text in (("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+                         *(() if torch.cuda.is_available() else
+                           (("cuda", "--device cuda: no CUDA GPU is visible to torch"),))):
+        r = run_mk("export-onnx", str(tiny_model), "-o", str(tmp_path / "o"), "--device", device)
+        assert r.returncode == 2 and text in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+
+
 def test_optimize_fuses_bert_attention_layernorm_gelu(tmp_path, tiny_model, tiny_dataset):
     import onnx
 

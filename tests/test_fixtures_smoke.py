@@ -2,7 +2,7 @@
 
 from mk.core.artifact import open_artifact
 from mk.core.dataset import load_split, open_dataset
-from mk.core.measurement.evaluate import evaluate
+from mk.core.evaluation import evaluate
 from mk.core.runtime import load_runtime
 
 

@@ -92,3 +92,33 @@ def test_tensorrt_runtime_matches_torch_and_checks_its_profile(tiny_model, tiny_
     too_big = {k: np.concatenate([v, v]) for k, v in batch.items()}  # batch 16 > profile max 8
     with pytest.raises(BadInput, match="outside the engine's profile"):
         trt_runtime(too_big)
+
+
+def test_onnx_runtime_runs_on_the_gpu_it_was_given(tiny_model, tiny_dataset, tmp_path):
+    """`--device cuda:N` reaches ONNX Runtime's CUDA provider as device_id N and is
+    reported as such (needs onnxruntime-gpu)."""
+    import onnxruntime as ort
+    import torch
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    from mk.core.runtime import load_runtime
+
+    onnx_dir = tmp_path / "onnx"
+    assert run_mk("export-onnx", str(tiny_model), "-o", str(onnx_dir)).returncode == 0
+    last = f"cuda:{torch.cuda.device_count() - 1}"
+    runtime = load_runtime(onnx_dir, device=last)
+    assert runtime.device == last
+    batch = _batch(tiny_dataset)
+    np.testing.assert_allclose(runtime(batch), load_runtime(onnx_dir, device="cpu")(batch), atol=1e-3)
+
+
+def test_export_onnx_verifies_on_the_gpu(tiny_model, tiny_dataset, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    r = run_mk("export-onnx", str(tiny_model), "--data", str(tiny_dataset), "--device", "cuda", "--json",
+               "-o", str(tmp_path / "onnx"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verification"]["max_abs_diff"] < 1e-2

@@ -464,6 +464,48 @@ def test_not_utf8_names_the_row(tmp_path, minilm_dir):
     one_error_line(r, out, "d.csv", "row 3", "not valid UTF-8")
 
 
+def test_not_utf8_hint_names_the_encoding_options(tmp_path, minilm_dir):
+    src = tmp_path / "d.csv"
+    src.write_bytes(b"text,label\nfine,a\nalso fine,b\nbad \xd1 byte,a\n")
+    r, out = bad(tmp_path, minilm_dir, src)
+    assert "--encoding" in r.stderr and "--encoding-errors replace" in r.stderr
+
+
+def test_latin1_text_folder_reads_with_encoding(tmp_path, rows, minilm_dir):
+    """A real-world corpus in Latin-1 (news articles with 'café', '£'): read with
+    --encoding latin-1, the text arrives intact; strict UTF-8 stops naming the file."""
+    root = tmp_path / "news"
+    for i, (text, label) in enumerate(rows):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"{i}.txt").write_bytes(f"café £{i} {text}".encode("latin-1", "replace"))
+    r, out = bad(tmp_path, minilm_dir, root)
+    one_error_line(r, out, "not valid utf-8")
+    assert "--encoding" in r.stderr
+    result = run_prep(root, tmp_path / "out", minilm_dir, encoding="latin-1")
+    assert sum(result["splits"].values()) == len(rows)
+    ids = load_split(open_dataset(tmp_path / "out"), "train")["input_ids"][0]
+    from transformers import AutoTokenizer
+    assert "cafe" in AutoTokenizer.from_pretrained(str(minilm_dir)).decode(ids)  # uncased: é folds to e
+
+
+def test_encoding_errors_replace_counts_the_bytes(tmp_path, rows, minilm_dir):
+    src = tmp_path / "d.csv"
+    body = "".join(f'"{t.replace(chr(34), "")}",{l}\n' for t, l in rows).encode("utf-8")
+    src.write_bytes(b"text,label\n" + body + b"bad \xd1 byte,negative\nmore \xff\xfe,neutral\n")
+    result = run_prep(src, tmp_path / "out", minilm_dir, encoding_errors="replace")
+    assert result["cleaning"]["bytes_replaced"] == 3
+    assert result["cleaning"]["rows_read"] == len(rows) + 2
+
+
+def test_cp1252_csv_and_an_unknown_codec(tmp_path, rows, minilm_dir):
+    src = tmp_path / "d.csv"
+    body = "".join(f'"{t.replace(chr(34), "")} \u201cquoted\u201d",{l}\n' for t, l in rows)
+    src.write_bytes(("text,label\n" + body).encode("cp1252", "replace"))
+    assert sum(run_prep(src, tmp_path / "ok", minilm_dir, encoding="cp1252")["splits"].values()) > 0
+    r, out = bad(tmp_path, minilm_dir, src, "--encoding", "klingon")
+    one_error_line(r, out, "--encoding 'klingon': not a codec Python knows")
+
+
 def test_test_label_never_seen_in_training(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
     test = write_table(tmp_path / "t.csv", [("brand new text", "sarcastic"), ("another one", "negative")])
@@ -509,3 +551,31 @@ def test_embedded_tweets_sample(tmp_path):
     assert result["labels"] == LABELS and sum(result["splits"].values()) == 300
     assert result["cleaning"]["rows_read"] == 38158  # read lossily: the file has stray non-UTF-8 bytes
     assert_stratified(result)
+
+
+def test_a_sample_larger_than_the_data_is_said_and_recorded_as_taken(tmp_path, rows, minilm_dir, caplog):
+    import logging
+
+    src = write_table(tmp_path / "d.csv", rows)
+    with caplog.at_level(logging.WARNING, logger="mk"):
+        run_prep(src, tmp_path / "out", minilm_dir, sample=1000)
+    assert "--sample 1000:" in caplog.text and "holds 60 rows after cleaning; keeping them all" in caplog.text
+    m = manifest(tmp_path / "out")
+    assert m["sample"] == 60 and m["sample_requested"] == 1000
+
+
+def test_a_huge_text_field_is_cut_before_tokenizing_without_changing_the_tokens(minilm_dir):
+    """The tokenizer encodes a whole text before truncating it: a 10 MB field took
+    1.5 GB. Texts reach it cut to CHARS_PER_TOKEN × max_length characters."""
+    from mk.core.data.prep import CHARS_PER_TOKEN, TextEncoder, load_tokenizer
+
+    tok = load_tokenizer(minilm_dir)
+    huge = " ".join(["lorem ipsum dolor sit amet"] * 40_000)  # 1 MB
+    encoder = TextEncoder(tok, 64)
+    seen = []
+    real = encoder.backend.encode_batch_fast
+    encoder.backend.encode_batch_fast = lambda inputs, **kw: seen.extend(map(len, inputs)) or real(inputs, **kw)
+    out, truncated = encoder.encode([huge, "short text"])
+    assert max(seen) == CHARS_PER_TOKEN * 64 < len(huge)
+    direct = tok(huge, truncation=True, max_length=64)["input_ids"]
+    assert out["input_ids"][0].tolist() == direct and truncated.tolist() == [True, False]

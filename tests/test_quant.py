@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_with_other_tokenizer, run_mk
+from conftest import LABELS, copy_with_other_tokenizer, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 
@@ -58,7 +58,7 @@ def near_ties_parent(tmp_path_factory, minilm_dir, tiny_dataset) -> Path:
 
 
 def _predictions(path, split):
-    from mk.core.measurement.evaluate import predict
+    from mk.core.evaluation import predict
     from mk.core.runtime import load_runtime
 
     return predict(load_runtime(path, "cpu"), split).argmax(-1)
@@ -112,13 +112,63 @@ def _teacher_labelled(tmp_path, dataset: Path, onnx_model: Path) -> Path:
 def test_gate_writes_both_accuracies_and_exits_3_on_a_real_drop(tmp_path, near_ties_parent, tiny_dataset):
     data = _teacher_labelled(tmp_path, tiny_dataset, near_ties_parent)
     out = tmp_path / "int8"
-    # the default int8 really flips some near ties of this model; none is allowed
-    r = run_mk("quant", str(near_ties_parent), "-o", str(out), "--data", str(data), "--max-drop", "0")
+    # the default int8 really flips some near ties of this model; the point gate allows none
+    r = run_mk("quant", str(near_ties_parent), "-o", str(out), "--data", str(data), "--max-drop", "0",
+               "--gate-test", "point")
     assert r.returncode == 3, r.stderr
     assert r.stdout.strip() == str(out) and "more than --max-drop 0" in r.stderr
     metrics = json.loads((out / "mk.json").read_text())["metrics"]
     assert metrics["parent_accuracy"] == 1.0 and metrics["accuracy"] < 1.0
     assert metrics["accuracy_drop_points"] == pytest.approx(100 * (1 - metrics["accuracy"]), abs=1e-3)
+    gate = metrics["gate"]
+    assert gate["failed"] and gate["test"] == "point" and gate["better"] == 0
+    assert gate["worse"] == round(gate["rows"] * (1 - metrics["accuracy"]))
+
+    # the paired gate fails the same flips only when its interval clears 0, and says
+    # that 30 test rows are too few for a fine gate
+    paired = tmp_path / "int8-paired"
+    r = run_mk("quant", str(near_ties_parent), "-o", str(paired), "--data", str(data), "--max-drop", "0")
+    gate = json.loads((paired / "mk.json").read_text())["metrics"]["gate"]
+    assert gate["test"] == "paired" and gate["confidence"] == 0.95
+    assert gate["failed"] == (gate["interval_points"][0] > 0) == (r.returncode == 3), r.stderr
+    assert gate["worse"] >= 1 and "95% interval" in r.stderr and "too few" in r.stderr
+
+
+def test_a_failed_gate_leaves_a_state_make_and_mk_agree_on(tmp_path, near_ties_parent, tiny_dataset, tiny_model):
+    """make's .DELETE_ON_ERROR deleted int8/mk.json when the gate failed; now the target is a
+    stamp mk quant's folder gets only when the gate passed."""
+    import os
+    import shutil
+
+    out = tmp_path / "build"
+    from mk.core.artifact import write_manifest
+
+    for name, src in (("data", tiny_dataset), ("tuned", tiny_model), ("onnx", near_ties_parent)):
+        shutil.copytree(src, out / name)
+    write_manifest(out / "tuned", kind="model", format="safetensors", task="text-classification", labels=LABELS)
+    for age, name in enumerate(("data", "tuned", "onnx")):  # upstream targets up to date, in order
+        os.utime(out / name / "mk.json", (1_000_000 + age, 1_000_000 + age))
+    teacher = _teacher_labelled(tmp_path, tiny_dataset, near_ties_parent)
+    makefile = Path(__file__).resolve().parents[1] / "scripts" / "Makefile"
+    target = f"{out}/int8.gate-passed"
+
+    def make(*args):
+        return subprocess.run(["make", "-f", str(makefile), f"OUT={out}", f"MK={MK}", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    failing = f"QUANT_FLAGS=--data {teacher} --gate-test point --max-drop 0"
+    r = make(failing, target)
+    assert r.returncode != 0 and "Error 3" in r.stderr, r.stderr
+    assert not Path(target).exists()
+    manifest = json.loads((out / "int8" / "mk.json").read_text())  # kept, whole, readable by mk
+    assert manifest["metrics"]["gate"]["failed"] is True
+    assert run_mk("info", str(out / "int8")).returncode == 0
+    assert make("-q", failing, target).returncode == 1  # make still wants to build it
+
+    r = make("QUANT_FLAGS=--max-drop 100", target)
+    assert r.returncode == 0, r.stderr
+    assert Path(target).is_file() and make("-q", "QUANT_FLAGS=--max-drop 100", target).returncode == 0
+    assert json.loads((out / "int8" / "mk.json").read_text())["metrics"]["gate"]["failed"] is False
 
 
 def test_safetensors_input_is_exported_first_through_a_real_pipe(tmp_path, tiny_model, tiny_dataset):
@@ -208,6 +258,7 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_da
 
 def test_gate_hint_suggests_only_settings_not_already_used():
     # after a static/entropy run the hint said "try --method static with --calib-method entropy"
+    from mk.core import cpu
     from mk.core.compression.quantize import QuantSettings, _other_settings
 
     static = _other_settings(QuantSettings(method="static", calib_method="entropy"))
@@ -216,6 +267,8 @@ def test_gate_hint_suggests_only_settings_not_already_used():
     assert "--method static with --calib-method entropy" in _other_settings(QuantSettings(method="dynamic"))
     assert "--per-channel" in _other_settings(QuantSettings(method="dynamic", per_channel=False))
     assert _other_settings(QuantSettings(method="fp16")) == "a larger --max-drop"
+    full = _other_settings(QuantSettings(method="dynamic", reduce_range=False))
+    assert ("--reduce-range" in full) == (cpu.this_cpu().int8_path == cpu.SATURATING)
 
 
 def test_op_types_that_match_nothing_are_refused(tmp_path, onnx_parent, tiny_dataset):
@@ -244,3 +297,76 @@ def test_output_holding_the_input_is_refused_even_with_force(tmp_path, onnx_pare
     r = run_mk("quant", str(work / "onnx"), "-o", str(work), "--force", "--data", str(tiny_dataset))
     assert r.returncode == 2 and "would overwrite the input" in r.stderr, r.stderr
     assert (work / "onnx" / "model.onnx").is_file()
+
+
+# --------------------------------------------------------------------------- int8 arithmetic of other CPUs
+
+
+def test_settings_chosen_for_a_cpu_without_vnni_avoid_the_saturation_the_vnni_settings_hit(
+        tmp_path, onnx_parent, tiny_dataset):
+    """The test model's real weights and activations through the arithmetic of both kinds of
+    CPU (tests/u8s8_emulation.py): with full-range int8 weights, 16-bit pair sums clip and
+    change answers; with the 7-bit weights mk chooses for such a CPU nothing clips."""
+    import onnx
+
+    from mk.core import cpu
+    from mk.core.artifact import open_artifact
+    from mk.core.compression.quantize import QuantSettings, quantize
+    from mk.core.dataset import load_split
+    from u8s8_emulation import run as emulate
+
+    test = load_split(open_artifact(tiny_dataset), "test")
+    feeds = [{"input_ids": test["input_ids"].astype(np.int64), "attention_mask": test["attention_mask"].astype(np.int64),
+              "token_type_ids": np.zeros(test["input_ids"].shape, np.int64)}]
+    fp32 = _predictions(onnx_parent, test)
+    avx2 = cpu.int8_settings(["avx2"], "dynamic")
+    assert avx2["reduce_range"] and not cpu.int8_settings(["avx512_vnni"], "dynamic")["reduce_range"]
+    for method, extra in (("dynamic", {}), ("static", {"calib_method": "entropy", "calib_size": 32})):
+        answers = {}
+        for reduce_range in (False, True):
+            out = tmp_path / f"{method}-{reduce_range}"
+            quantize(onnx_parent, out, method=method, gate=False,
+                     settings=QuantSettings(method=method, reduce_range=reduce_range, **extra))
+            model = onnx.load(str(out / "model.onnx"))
+            exact, _ = emulate(model, feeds, saturate=False)
+            pairs16, clipped = emulate(model, feeds, saturate=True)
+            # the emulation is ONNX Runtime's own arithmetic on the CPU at hand, answer for answer
+            here = pairs16 if cpu.this_cpu().int8_path == cpu.SATURATING else exact
+            assert np.array_equal(here.argmax(-1), _predictions(out, test))
+            answers[reduce_range] = (exact.argmax(-1), pairs16.argmax(-1), clipped)
+        (vnni_exact, vnni_on_avx2, vnni_clips), (rr_exact, rr_on_avx2, rr_clips) = answers[False], answers[True]
+        # full 8-bit weights: pairs clip on a CPU without VNNI, and answers change
+        assert vnni_clips.clipped > 0 and np.mean(vnni_on_avx2 == fp32) < np.mean(vnni_exact == fp32), method
+        # 7-bit weights: 255 · 64 · 2 < 32767, no pair clips, the same answers on both kinds of CPU
+        assert rr_clips.clipped == 0 and np.array_equal(rr_on_avx2, rr_exact), method
+        assert np.mean(rr_on_avx2 == fp32) >= 0.8, method  # what the agreement test asks of every CPU
+
+
+def test_calibration_is_capped_at_the_split_and_fed_in_chunks(tmp_path, onnx_parent, tiny_dataset, monkeypatch,
+                                                             caplog):
+    """ONNX Runtime holds every activation of the rows it is given: a --calib-size past
+    the split is capped (and said), and the rows reach it a batch at a time (the
+    histogram calibrators failed on a last, shorter batch)."""
+    import logging
+
+    from mk.core.compression import quantize as q
+
+    chunks = []
+    real = q.DatasetCalibrationReader.set_range
+    monkeypatch.setattr(q.DatasetCalibrationReader, "set_range",
+                        lambda self, start_index, end_index: chunks.append((start_index, end_index))
+                        or real(self, start_index, end_index))
+    with caplog.at_level(logging.WARNING, logger="mk"):
+        result = q.quantize(onnx_parent, tmp_path / "p", method="static", max_drop=100,
+                            settings=q.QuantSettings(method="static", calib_size=100_000, calib_method="percentile"))
+    calibration = result["quantization"]["calibration"]
+    assert "--calib-size 100000: the train split holds 120 rows" in caplog.text
+    assert calibration["rows"] == 120 and calibration["batches"] == 8 and calibration["rows_per_call"] == 16
+    assert chunks == [(i, i + 1) for i in range(8)]  # one batch per call, the last one shorter
+
+
+def test_bad_gate_options_are_refused(tmp_path, onnx_parent, tiny_dataset):
+    out = tmp_path / "out"
+    for args, needle in ((["--confidence", "1.5"], "--confidence 1.5"), (["--confidence", "0.2"], "--confidence 0.2"),
+                         (["--gate-test", "exact"], "--gate-test 'exact'")):
+        _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), *args), out, needle)

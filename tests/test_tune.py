@@ -100,7 +100,7 @@ def test_training_reduces_loss_and_the_output_loads(tiny_dataset, tiny_model, tm
     # better than chance, measured on what it was trained on (30 test tweets are too few to say)
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
     from mk.core.runtime import load_runtime
     train = load_split(open_artifact(tiny_dataset), "train")
     assert evaluate(load_runtime(out, "cpu"), train, 3)["accuracy"] > 0.6
@@ -242,7 +242,7 @@ def test_output_under_a_file_or_a_file_named_like_the_checkpoint_is_bad_usage(ti
     with pytest.raises(BadInput, match="parent is a file"):
         _tune(tiny_dataset, tiny_model, tmp_path / "afile" / "t", max_steps=1)
     (tmp_path / "t.ckpt").write_text("x")
-    with pytest.raises(BadInput, match="t.ckpt: is a file"):
+    with pytest.raises(BadInput, match="t.ckpt: is a file, where mk tune keeps its checkpoints"):
         _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1)
 
 
@@ -283,7 +283,7 @@ def test_lora_no_merge_keeps_the_adapter(tiny_dataset, tiny_model, tmp_path):
     assert manifest["adapter"]["r"] == 4
     from mk.core.artifact import open_artifact
     from mk.core.dataset import load_split
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
     from mk.core.runtime import load_runtime
     test = load_split(open_artifact(tiny_dataset), "test")
     again = evaluate(load_runtime(out, "cpu"), test, 3)  # the torch runtime loads adapter + base
@@ -437,3 +437,12 @@ def test_cuda_out_of_memory_suggests_a_batch_size(tiny_dataset, tiny_model, tmp_
     with pytest.raises(MkError, match="out of memory") as e:
         _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=2, batch_size=32)
     assert e.value.code == 1 and "--batch-size 16" in e.value.hint and "--grad-accum 2" in e.value.hint
+
+
+def test_a_checkpoint_folder_holding_other_files_is_not_removed(tiny_dataset, tiny_model, tmp_path):
+    from mk.core.errors import BadInput
+    (tmp_path / "t.ckpt").mkdir()
+    (tmp_path / "t.ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(BadInput, match=r"t.ckpt: holds files mk tune did not write \(notes.txt\)"):
+        _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=1, force=True)
+    assert (tmp_path / "t.ckpt" / "notes.txt").read_text() == "mine"

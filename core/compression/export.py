@@ -26,18 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
+from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
 from mk.core.console import log
-from mk.core.errors import BadInput, GateFailed, MkError
+from mk.core.device import resolve_device
+from mk.core.errors import BadInput, GateFailed, MkError, first_line, library_error
+from mk.core.outputs import atomic_output, check_output
+from mk.core.compression.onnx_io import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files, load_onnx,
+                                         model_inputs, onnx_bytes, opset_of, optimize_transformer, save_onnx, to_fp16)
 from mk.core.tokenizer_match import check_same_tokenizer
 
 MIN_OPSET = 17
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
-                   "preprocessor_config.json")
-# ModelProto is a protobuf message: it cannot be serialised past 2 GiB; stay well clear.
-EXTERNAL_DATA_BYTES = 1_800_000_000
-EXTERNAL_DATA_NAME = "model.onnx.data"
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SAMPLE_SENTENCES = [
     "The self-driving car stopped smoothly at the crossing.",
@@ -50,103 +48,6 @@ SAMPLE_SENTENCES = [
     "Great news for people who cannot drive themselves.",
     "The sensor failed in the rain again.",
 ]
-
-
-# --------------------------------------------------------------------------- ONNX checks
-
-
-def load_onnx(path: Path, load_external_data: bool = True):
-    """onnx.load with a clear line for a corrupt or truncated file."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such ONNX file")
-    if path.stat().st_size == 0:
-        raise BadInput(f"{path}: empty ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as e:  # DecodeError, ValueError, OSError for missing external data …
-        raise BadInput(f"{path}: corrupt or truncated ONNX file ({_first_line(e)})") from None
-    if not model.graph.node or not model.graph.output:
-        raise BadInput(f"{path}: corrupt or truncated ONNX file (no graph nodes or outputs)")
-    try:
-        onnx.checker.check_model(model if load_external_data else str(path), full_check=False)
-    except Exception as e:
-        raise BadInput(f"{path}: invalid ONNX model ({_first_line(e)})") from None
-    return model
-
-
-def model_inputs(model) -> list[str]:
-    """The graph's real inputs (initializers listed as inputs by old exporters left out)."""
-    inits = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
-
-
-def check_inputs(model, path: Path) -> list[str]:
-    names = model_inputs(model)
-    if "input_ids" not in names and "pixel_values" not in names:
-        raise BadInput(f"{path}: no recognisable inputs: the graph takes {names or 'nothing'}, "
-                       "mk needs input_ids (text) or pixel_values (images)",
-                       hint="export it with `mk export-onnx`, which names the inputs as the tokenizer does")
-    return names
-
-
-def opset_of(model) -> int:
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-
-
-def onnx_bytes(root: Path) -> int:
-    """Bytes of the model proper: model.onnx and its external data."""
-    return sum(p.stat().st_size for p in (root / "model.onnx", root / EXTERNAL_DATA_NAME) if p.is_file())
-
-
-def save_onnx(model, path: Path, external_data: bool | None = None) -> bool:
-    """Save a ModelProto, with its weights in `model.onnx.data` when asked or when
-    the model would not fit a protobuf (> ~2 GB). Returns whether external data was used."""
-    import onnx
-
-    path = Path(path)
-    if external_data is None:
-        external_data = initializer_bytes(model) > EXTERNAL_DATA_BYTES
-    if external_data:
-        (path.parent / EXTERNAL_DATA_NAME).unlink(missing_ok=True)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return external_data
-
-
-def initializer_bytes(model) -> int:
-    total = 0
-    for t in model.graph.initializer:
-        if t.raw_data:
-            total += len(t.raw_data)
-        else:
-            n = 1
-            for d in t.dims:
-                n *= d
-            total += n * 4
-    return total
-
-
-# --------------------------------------------------------------------------- tokenizers
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """The tokenizer / image-processor files and config.json, copied beside the model."""
-    copied = []
-    for name in (*TOKENIZER_FILES, "config.json"):
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    return copied
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -179,7 +80,7 @@ def verification_batches(model_art: Artifact, data: Artifact | None, task: str, 
         try:
             tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except Exception as e:
-            raise BadInput(f"{tok_dir}: no dataset to verify on and no usable tokenizer ({_first_line(e)})",
+            raise BadInput(f"{tok_dir}: no dataset to verify on and no usable tokenizer ({first_line(e)})",
                            hint="pass --data DATASET") from None
         sentences = (SAMPLE_SENTENCES * (max_rows // len(SAMPLE_SENTENCES) + 1))[:max(batch_sizes)]
         enc = tok(sentences, padding="max_length", truncation=True, return_tensors="np",
@@ -235,7 +136,7 @@ def _load_for_export(art: Artifact, trust_pickle: bool = False):
     except (ValueError, TypeError):
         model = load_classifier(art.path, art.task)
     except OSError as e:
-        raise BadInput(f"{art.path}: cannot load the model ({_first_line(e)})") from None
+        raise library_error(e, art.path, "cannot load the model") from None
     return model.float().eval()
 
 
@@ -315,72 +216,19 @@ def _dynamo_export(wrapper, inputs: dict, path: Path, opset: int) -> None:
         program.save(str(path))
 
 
-# --------------------------------------------------------------------------- optimisation
-
-
-def optimize_transformer(src: Path, dst: Path, config: dict, fp16: bool = False,
-                         external_data: bool | None = None) -> dict:
-    """ONNX Runtime's transformer fusions (Attention, EmbedLayerNormalization,
-    SkipLayerNormalization, LayerNormalization, Gelu/BiasGelu) for BERT-like
-    models; optionally fp16 with fp32 inputs and outputs kept. Returns fused-op counts."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    model_type = _ort_model_type(config)
-    heads = config.get("num_attention_heads", 0)
-    hidden = config.get("hidden_size", 0)
-    opt = optimize_model(str(src), model_type=model_type or "bert", num_heads=heads, hidden_size=hidden,
-                         opt_level=0, use_gpu=fp16)
-    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    if fp16:
-        opt.convert_float_to_float16(keep_io_types=True)
-    _declare_contrib_domain(opt.model)
-    save_onnx(opt.model, dst, external_data)
-    return stats
-
-
-def _declare_contrib_domain(model) -> None:
-    """Fused nodes live in ONNX Runtime's `com.microsoft` domain; a valid model imports it."""
-    import onnx
-
-    domains = {n.domain for n in model.graph.node if n.domain}
-    have = {o.domain for o in model.opset_import}
-    for d in sorted(domains - have):
-        model.opset_import.append(onnx.helper.make_opsetid(d, 1))
-
-
-def _ort_model_type(config: dict) -> str | None:
-    """ONNX Runtime optimizer's model type for a Hugging Face config, when it has one."""
-    from onnxruntime.transformers.optimizer import MODEL_TYPES
-
-    mt = config.get("model_type")
-    aliases = {"distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
-               "camembert": "bert", "mpnet": "bert", "deberta-v2": "bert"}
-    if mt in MODEL_TYPES:
-        return mt
-    return aliases.get(mt)
-
-
-def to_fp16(src: Path, dst: Path, external_data: bool | None = None) -> None:
-    """fp16 weights and compute, fp32 inputs and outputs (keep_io_types)."""
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = OnnxModel(load_onnx(src))
-    model.convert_float_to_float16(keep_io_types=True)
-    _declare_contrib_domain(model.model)
-    save_onnx(model.model, dst, external_data)
-
-
 # --------------------------------------------------------------------------- verification
 
 
-def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], threads: int | None = None) -> dict:
-    """Run both on each batch; the largest |difference| of logits, per shape and overall,
-    and how often the predicted class agrees."""
+def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], threads: int | None = None,
+                         device: str = "cpu") -> dict:
+    """Run both on each batch, on `device`; the largest |difference| of logits, per shape
+    and overall, and how often the predicted class agrees."""
     import torch
 
     from mk.core.runtime.onnx_runtime import open_session
 
-    session = open_session(onnx_path, "cpu", threads)
+    session = open_session(onnx_path, device, threads)
+    torch_model = torch_model.to(device)
     names = {i.name: i.type for i in session.get_inputs()}
     params = _forward_params(torch_model)
     shapes, worst, agree, total = [], 0.0, 0, 0
@@ -390,8 +238,8 @@ def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], thre
         if "token_type_ids" in names and "token_type_ids" not in feed:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         with torch.inference_mode():
-            tfeed = {k: torch.from_numpy(v) for k, v in feed.items() if k in params}
-            ref = torch_model(**tfeed).logits.float().numpy()
+            tfeed = {k: torch.from_numpy(v).to(device) for k, v in feed.items() if k in params}
+            ref = torch_model(**tfeed).logits.float().cpu().numpy()
         got = session.run(None, feed)[0].astype(np.float32)
         diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
         worst = max(worst, diff)
@@ -408,36 +256,18 @@ def max_logit_difference(torch_model, onnx_path: Path, batches: list[dict], thre
 def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = None, atol: float | None = None,
                 optimize: bool = False, fp16: bool = False, opset: int = MIN_OPSET, exporter: str = "auto",
                 external_data: bool | None = None, force: bool = False, trust_pickle: bool = False,
-                threads: int | None = None, verify: bool = True, step_of: str | None = None) -> dict:
+                threads: int | None = None, verify: bool = True, step_of: str | None = None,
+                device: str = "cpu") -> dict:
     """Export a safetensors model artifact (or Hugging Face folder, or `minilm`) to an
-    ONNX model artifact at `out`; verify it against torch; return a result dict.
+    ONNX model artifact at `out`; verify it against torch on `device`; return a result dict.
 
     Raises GateFailed (the artifact kept) when the largest logit difference is above `atol`
     (default 1e-3 in fp32, 5e-2 with --fp16)."""
+    device = _verification_device(device) if verify else "cpu"
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
-    if art.format != "safetensors":
-        what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
-        raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "
-                       "(Hugging Face) model",
-                       hint="`mk quant` takes ONNX models directly" if art.format == "onnx" else
-                       "export the safetensors model it was built from (see `mk info --lineage`)")
-    if opset < MIN_OPSET:
-        raise BadInput(f"--opset {opset}: mk exports opset {MIN_OPSET} or newer")
-    import onnx
-
-    if opset > onnx.defs.onnx_opset_version():
-        raise BadInput(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to "
-                       f"{onnx.defs.onnx_opset_version()}", hint=f"the default, {MIN_OPSET}, runs everywhere")
-    if exporter not in ("auto", "torchscript", "dynamo"):
-        raise BadInput(f"--exporter {exporter!r}: expected auto, torchscript or dynamo")
-    if atol is None:
-        atol = 5e-2 if fp16 else 1e-3
-    if atol < 0:
-        raise BadInput(f"--atol {atol}: a tolerance cannot be negative")
-    if art.task not in ("text-classification", "image-classification"):
-        raise BadInput(f"{art.path}: a {art.task} model has no classification head to export",
-                       hint="fine-tune it first with `mk tune`")
+    _check_exportable(art)
+    atol = _check_export_options(opset, exporter, atol, fp16)
     config = art.config()
     ds = _dataset_or_none(art, data)
     if ds is not None and art.task == "text-classification":
@@ -448,28 +278,12 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     batches, source = verification_batches(art, ds, art.task, config) if verify else ([], None)
 
     with atomic_output(out, force) as tmp:
-        scratch = tmp / ".export"
-        scratch.mkdir()
-        raw = scratch / "model.onnx"
-        used = _export(torch_model, inputs, raw, opset, exporter, art.path)
-        proto = load_onnx(raw)
-        check_inputs(proto, raw)
-        if optimize:
-            fused = optimize_transformer(raw, tmp / "model.onnx", config, fp16=fp16, external_data=external_data)
-            log.info("fused: %s", ", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing matched")
-        elif fp16:
-            fused = {}
-            to_fp16(raw, tmp / "model.onnx", external_data)
-        else:
-            fused = {}
-            save_onnx(proto, tmp / "model.onnx", external_data)
-        del proto
-        shutil.rmtree(scratch)
-        copy_tokenizer_files(art.path, tmp)
+        used, fused = _write_onnx(torch_model, inputs, tmp, art, config, opset, exporter, optimize, fp16,
+                                  external_data)
         final = load_onnx(tmp / "model.onnx", load_external_data=False)
         check_inputs(final, tmp / "model.onnx")
-
-        check = max_logit_difference(torch_model, tmp / "model.onnx", batches, threads) if verify else None
+        check = (max_logit_difference(torch_model, tmp / "model.onnx", batches, threads, device)
+                 if verify else None)
         passed = check is None or check["max_abs_diff"] <= atol
         record = {
             "exporter": used, "opset": opset_of(final), "inputs": model_inputs(final), "outputs": ["logits"],
@@ -500,17 +314,73 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     return result
 
 
-def _dataset_or_none(art: Artifact, data) -> Artifact | None:
-    from mk.core.dataset import dataset_for
+def _verification_device(device: str) -> str:
+    """`--device` resolved, and its ONNX Runtime provider present, before any work."""
+    from mk.core.runtime.onnx_runtime import providers_for
 
-    if data is not None:
-        return dataset_for(art, data)
-    try:
-        return dataset_for(art, None)
-    except BadInput as e:
-        if "no dataset in its lineage" in e.message:
-            return None
-        raise
+    device = resolve_device(device)
+    providers_for(device)
+    return device
+
+
+def _check_exportable(art: Artifact) -> None:
+    if art.format != "safetensors":
+        what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
+        raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "
+                       "(Hugging Face) model",
+                       hint="`mk quant` takes ONNX models directly" if art.format == "onnx" else
+                       "export the safetensors model it was built from (see `mk info --lineage`)")
+    if art.task not in ("text-classification", "image-classification"):
+        raise BadInput(f"{art.path}: a {art.task} model has no classification head to export",
+                       hint="fine-tune it first with `mk tune`")
+
+
+def _check_export_options(opset: int, exporter: str, atol: float | None, fp16: bool) -> float:
+    """Every option checked before the model loads; the tolerance to verify with."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise BadInput(f"--opset {opset}: mk exports opset {MIN_OPSET} or newer")
+    if opset > onnx.defs.onnx_opset_version():
+        raise BadInput(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to "
+                       f"{onnx.defs.onnx_opset_version()}", hint=f"the default, {MIN_OPSET}, runs everywhere")
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise BadInput(f"--exporter {exporter!r}: expected auto, torchscript or dynamo")
+    if atol is None:
+        atol = 5e-2 if fp16 else 1e-3
+    if atol < 0:
+        raise BadInput(f"--atol {atol}: a tolerance cannot be negative")
+    return atol
+
+
+def _write_onnx(torch_model, inputs: dict, tmp: Path, art: Artifact, config: dict, opset: int, exporter: str,
+                optimize: bool, fp16: bool, external_data: bool | None) -> tuple[str, dict]:
+    """Export into `tmp/model.onnx` (fused or fp16 as asked) with the tokenizer files
+    beside it; the exporter used and the fused operators."""
+    scratch = tmp / ".export"
+    scratch.mkdir()
+    raw = scratch / "model.onnx"
+    used = _export(torch_model, inputs, raw, opset, exporter, art.path)
+    proto = load_onnx(raw)
+    check_inputs(proto, raw)
+    fused = {}
+    if optimize:
+        fused = optimize_transformer(raw, tmp / "model.onnx", config, fp16=fp16, external_data=external_data)
+        log.info("fused: %s", ", ".join(f"{k} {v}" for k, v in fused.items()) or "nothing matched")
+    elif fp16:
+        to_fp16(raw, tmp / "model.onnx", external_data)
+    else:
+        save_onnx(proto, tmp / "model.onnx", external_data)
+    del proto
+    shutil.rmtree(scratch)
+    copy_tokenizer_files(art.path, tmp)
+    return used, fused
+
+
+def _dataset_or_none(art: Artifact, data) -> Artifact | None:
+    from mk.core.dataset import lineage_dataset, open_dataset
+
+    return open_dataset(data) if data is not None else lineage_dataset(art)
 
 
 class _StdoutToStderr:
@@ -557,8 +427,8 @@ def _export_quietly(torch_model, inputs: dict, path: Path, opset: int, exporter:
         except MkError:
             raise
         except Exception as e:  # exporters raise anything from torch internals
-            errors.append(f"{name}: {_first_line(e)}")
-            log.warning("the %s exporter failed for %s (%s)%s", name, source, _first_line(e),
+            errors.append(f"{name}: {first_line(e)}")
+            log.warning("the %s exporter failed for %s (%s)%s", name, source, first_line(e),
                         "; trying the next" if name != order[-1] else "")
             for p in path.parent.iterdir():
                 p.unlink()

@@ -21,7 +21,11 @@ and repeated runs do not export twice.
 Defaults, chosen by measurement (scripts/bench_quant.py; README "Quantization"):
 dynamic int8, weights per channel, the MatMuls with constant weights and the
 embedding Gathers (weights only: as fast as MatMul alone, 2.5x smaller), on the
-plain export (no transformer fusions first), no reduce-range on a CPU with VNNI.
+plain export (no transformer fusions first). Per-channel and reduce-range are
+chosen for the CPU at hand (`core.cpu.int8_settings`: 7-bit weights where int8
+products are summed in saturating 16-bit pairs, i.e. no VNNI) unless given; the
+CPU and the choice are recorded in mk.json, since the accuracy measured here is
+that CPU's arithmetic.
 """
 
 from __future__ import annotations
@@ -32,12 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, atomic_output, check_output, human_bytes, open_artifact, write_manifest
-from mk.core.console import log
+from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
+from mk.core.console import log, quiet_onnxruntime
+from mk.core.cpu import SATURATING, this_cpu
+from mk.core.outputs import atomic_output, check_output
 from mk.core.errors import BadInput, GateFailed
 from mk.core.tokenizer_match import check_same_tokenizer
-from mk.core.compression.export import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files,
-                            export_onnx, load_onnx, onnx_bytes, optimize_transformer, save_onnx, to_fp16)
+from mk.core.compression.export import export_onnx
+from mk.core.compression.onnx_io import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files, load_onnx,
+                                         onnx_bytes, optimize_transformer, save_onnx, to_fp16)
 
 METHODS = ("dynamic", "static", "fp16")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -50,11 +57,12 @@ EXPORT_SUFFIX = "-onnx"
 
 @dataclass
 class QuantSettings:
-    """How to quantize; the defaults are the measured best on a 2-core AVX-512 VNNI CPU."""
+    """How to quantize; the defaults are the measured best. per_channel and reduce_range
+    left None are chosen for this CPU (`core.cpu.int8_settings`)."""
 
     method: str = DEFAULT_METHOD
-    per_channel: bool = True
-    reduce_range: bool = False
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
     fuse: bool = False                  # ORT transformer fusions before quantizing
     op_types: list[str] = field(default_factory=lambda: ["MatMul", "Gather"])
     calib_size: int = 256
@@ -100,6 +108,12 @@ def open_onnx_model(art: Artifact):
 # --------------------------------------------------------------------------- calibration
 
 
+# ONNX Runtime's calibrators keep every activation of the rows given to one
+# collect_data call before reducing them (16 MB a row for MiniLM at 128 tokens: 256
+# rows of `percentile` in one call peaked at 4 GB), and the histogram ones cannot mix
+# batches of different sizes in a call. So they are fed one batch per call (the
+# CalibStridedMinMax option, which every calibrator honours: min/max and histograms
+# merge across calls): memory is bounded by --calib-batch-size, not --calib-size.
 class DatasetCalibrationReader:
     """onnxruntime.quantization.CalibrationDataReader over the first `size` rows of a split."""
 
@@ -117,11 +131,15 @@ class DatasetCalibrationReader:
             if "token_type_ids" in input_names and "token_type_ids" not in feed:
                 feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
             self._feeds.append(feed)
-        self.rows = n
+        self.rows, self.batch_size = n, batch_size
         self._it = iter(self._feeds)
 
     def get_next(self):
         return next(self._it, None)
+
+    def set_range(self, start_index: int, end_index: int):
+        """The batches of one collect_data call (ONNX Runtime calls it with CalibStridedMinMax)."""
+        self._it = iter(self._feeds[start_index:end_index])
 
     def rewind(self):
         self._it = iter(self._feeds)
@@ -147,6 +165,8 @@ def quantize_file(src: Path, dst: Path, settings: QuantSettings, config: dict | 
 def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    quiet_onnxruntime()  # the calibrators' sessions log through ONNX Runtime's default logger
 
     work = Path(work or dst.parent)
     done: dict = {}
@@ -177,10 +197,11 @@ def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
                         op_types_to_quantize=settings.op_types or None, per_channel=settings.per_channel,
                         reduce_range=settings.reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method, use_external_data_format=big,
-                        extra_options={**extra, "CalibTensorRangeSymmetric": False})
+                        extra_options={**extra, "CalibTensorRangeSymmetric": False,
+                                       "CalibStridedMinMax": 1})
         done.update(weight_type="int8", activation_type="uint8", format="QDQ",
                     calibration={"method": settings.calib_method, "rows": settings.calib_size,
-                                 "batches": len(calibration)})
+                                 "batches": len(calibration), "rows_per_call": calibration.batch_size})
     else:
         raise BadInput(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
     _single_file(dst)
@@ -212,13 +233,32 @@ def _other_settings(settings: QuantSettings) -> str:
         tries.append("--method static with --calib-method entropy")
     elif settings.method == "static" and settings.calib_method != "entropy":
         tries.append("--calib-method entropy")
-    if settings.method != "fp16" and not settings.per_channel:
+    if settings.method != "fp16" and settings.per_channel is False:
         tries.append("--per-channel")
+    if settings.method != "fp16" and settings.reduce_range is False and this_cpu().int8_path == SATURATING:
+        tries.append("--reduce-range (this CPU has no VNNI)")
     if settings.method != "fp16" and "Gather" in settings.op_types:
         tries.append("--op-types MatMul (embeddings stay fp32)")
     if settings.method != "fp16":
         tries.append("--method fp16")
     return ", ".join(tries) + (", or " if tries else "") + "a larger --max-drop"
+
+
+def settings_for_this_cpu(settings: QuantSettings) -> dict:
+    """Fill the int8 choices left open with the ones for this CPU; returns the record
+    for mk.json (the CPU, what it calls for, what was given explicitly)."""
+    from mk.core.cpu import int8_settings, settings_note
+
+    cpu = this_cpu()
+    chosen = int8_settings(cpu.flags, settings.method)
+    given = {k: getattr(settings, k) for k in ("per_channel", "reduce_range") if getattr(settings, k) is not None}
+    for key in ("per_channel", "reduce_range"):
+        if getattr(settings, key) is None:
+            setattr(settings, key, chosen.get(key, key == "per_channel"))
+    note = settings_note(cpu.flags, settings.method)
+    if note and any(k not in given for k in chosen if k != "weight_type"):
+        log.info("%s: %s", cpu.model, note)
+    return {"cpu": cpu.record(), "chosen_for_cpu": chosen, "given": given}
 
 
 def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: bool) -> tuple[Artifact, bool]:
@@ -250,23 +290,26 @@ def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: b
 def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, data: str | Path | None = None,
              max_drop: float = 1.0, settings: QuantSettings | None = None, gate: bool = True,
              threads: int | None = None, batch_size: int = 32, force: bool = False,
-             trust_pickle: bool = False) -> dict:
+             trust_pickle: bool = False, confidence: float = 0.95, gate_test: str = "paired") -> dict:
     """Quantize a model artifact into `out`; evaluate parent and result; return a result dict.
 
     Raises BadInput (nothing written) for bad input and GateFailed (artifact kept) when
-    accuracy drops by more than `max_drop` points."""
+    accuracy dropped by more than `max_drop` points: with `confidence` on the paired
+    answers (`gate_test` "paired", core.measurement.gate), or as observed ("point")."""
     from mk.core.dataset import dataset_for, load_split
 
     settings = settings or QuantSettings(method=method)
     settings.method = method
     if method not in METHODS:
         raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    for_cpu = settings_for_this_cpu(settings)
     if settings.calib_method not in CALIB_METHODS:
         raise BadInput(f"--calib-method {settings.calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
     if settings.calib_size < 1:
         raise BadInput(f"--calib-size {settings.calib_size}: needs at least one row")
     if max_drop < 0:
         raise BadInput(f"--max-drop {max_drop}: a drop allowance cannot be negative (points of accuracy)")
+    check_gate_options(confidence, gate_test)
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
 
@@ -313,7 +356,10 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
         split = next(s for s in ("train", "val", "test") if (ds.path / f"{s}.safetensors").is_file())
         calibration = DatasetCalibrationReader(load_split(ds, split, limit=settings.calib_size), input_names,
                                                settings.calib_size, settings.calib_batch_size)
-        settings.calib_size = min(settings.calib_size, calibration.rows)
+        if calibration.rows < settings.calib_size:
+            log.warning("--calib-size %d: the %s split holds %d rows; calibrating on those",
+                        settings.calib_size, split, calibration.rows)
+        settings.calib_size = calibration.rows
 
     with atomic_output(out, force) as tmp:
         work = tmp / ".work"
@@ -332,24 +378,14 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
         size_before, size_after = onnx_bytes(parent.path), onnx_bytes(tmp)
         record = {**{k: v for k, v in asdict(settings).items()
                      if method == "static" or not k.startswith("calib")}, **done,
-                  "onnxruntime": _ort_version(), "exported_first": exported}
+                  "onnxruntime": _ort_version(), "exported_first": exported, **for_cpu}
         if method == "fp16":
             record = {"method": "fp16", **done, "onnxruntime": _ort_version(), "exported_first": exported}
         metrics = {"size_bytes": size_after, "parent_size_bytes": size_before}
         if gate:
-            from mk.core.measurement.evaluate import evaluate
-            from mk.core.runtime import load_runtime
-
-            n_labels = len(art.labels) or len(ds.labels)
-            before = evaluate(load_runtime(parent, "cpu", threads), test, n_labels, batch_size,
-                              "evaluating the parent")
             quant_art = Artifact(tmp, {"kind": "model", "format": "onnx", "task": art.task, "labels": art.labels})
-            after = evaluate(load_runtime(quant_art, "cpu", threads), test, n_labels, batch_size,
-                             "evaluating the quantized model")
-            drop = round((before["accuracy"] - after["accuracy"]) * 100, 4)
-            metrics.update(accuracy=after["accuracy"], macro_f1=after["macro_f1"],
-                           parent_accuracy=before["accuracy"], parent_macro_f1=before["macro_f1"],
-                           accuracy_drop_points=drop, test_rows=after["n"], max_drop_points=max_drop)
+            verdict = _judge(parent, quant_art, test, len(art.labels) or len(ds.labels), threads, batch_size,
+                             max_drop, confidence, gate_test, metrics)
         write_manifest(tmp, kind="model", format="onnx", task=art.task, labels=art.labels, parent=parent,
                        dataset=ds, metrics=metrics, quantization=record,
                        size={"parent_bytes": size_before, "bytes": size_after})
@@ -360,15 +396,50 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     log.info("quantized %s (%s): %s → %s (%.0f%%)", out, method, human_bytes(size_before), human_bytes(size_after),
              100 * size_after / max(size_before, 1))
     if gate:
-        log.info("accuracy on %d test rows: parent %.2f%%, quantized %.2f%% (drop %.2f points, allowed %.2f)",
-                 metrics["test_rows"], 100 * metrics["parent_accuracy"], 100 * metrics["accuracy"],
-                 metrics["accuracy_drop_points"], max_drop)
-        if metrics["accuracy_drop_points"] > max_drop:
-            raise GateFailed(f"{out}: accuracy dropped {metrics['accuracy_drop_points']:.2f} points "
-                             f"({100 * metrics['parent_accuracy']:.2f}% → {100 * metrics['accuracy']:.2f}%), "
+        from mk.core.gate import describe
+
+        log.info("%s", describe(verdict))
+        if verdict.warning:
+            log.warning("%s", verdict.warning)
+        if verdict.failed:
+            how = (f"all of its {confidence:.0%} interval [{verdict.interval_points[0]:.2f}, "
+                   f"{verdict.interval_points[1]:.2f}] is" if gate_test == "paired" else "that is")
+            raise GateFailed(f"{out}: accuracy dropped {verdict.drop_points:.2f} points "
+                             f"({100 * verdict.parent_accuracy:.2f}% → {100 * verdict.accuracy:.2f}%); {how} "
                              f"more than --max-drop {max_drop:g}", path=out, result=result,
-                             hint="the artifact was kept for inspection; try " + _other_settings(settings))
+                             hint="the artifact was kept for inspection (mk.json: metrics.gate); try "
+                                  + _other_settings(settings))
     return result
+
+
+def check_gate_options(confidence: float, gate_test: str) -> None:
+    from mk.core.gate import TESTS
+
+    if gate_test not in TESTS:
+        raise BadInput(f"--gate-test {gate_test!r}: expected one of {', '.join(TESTS)}")
+    if not 0.5 <= confidence < 1:
+        raise BadInput(f"--confidence {confidence:g}: expected a probability from 0.5 up to (not including) 1",
+                       hint="0.95 is usual")
+
+
+def _judge(parent: Artifact, child: Artifact, test: dict, n_labels: int, threads, batch_size: int,
+           max_drop: float, confidence: float, gate_test: str, metrics: dict):
+    """Evaluate parent and child on the test split; fill `metrics`; return the gate's verdict."""
+    from mk.core.evaluation import classification_metrics, predict
+    from mk.core.gate import judge
+    from mk.core.runtime import load_runtime
+
+    answers, scores = [], []
+    for art, what in ((parent, "evaluating the parent"), (child, "evaluating the quantized model")):
+        preds = predict(load_runtime(art, "cpu", threads), test, batch_size, what).argmax(-1)
+        answers.append(preds == test["labels"])
+        scores.append(classification_metrics(preds, test["labels"], n_labels))
+    before, after = scores
+    verdict = judge(answers[0], answers[1], max_drop, confidence, gate_test)
+    metrics.update(accuracy=after["accuracy"], macro_f1=after["macro_f1"], parent_accuracy=before["accuracy"],
+                   parent_macro_f1=before["macro_f1"], accuracy_drop_points=verdict.drop_points,
+                   test_rows=after["n"], max_drop_points=max_drop, gate=verdict.record())
+    return verdict
 
 
 def _empty_graph():

@@ -28,18 +28,25 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import atomic_output, check_output, write_manifest
+from mk.core.artifact import write_manifest
+from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
 from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
-from mk.core.errors import BadInput
-from mk.core.data.sources import (SPLIT_NAMES, Columns, ImageFolder, Table, bad_utf8, check_utf8, detect_columns,
-                             open_source)
+from mk.core.errors import BadInput, library_error
+from mk.core.data.sources import SPLIT_NAMES, Columns, ImageFolder, Table, TextEncoding, detect_columns, open_source
 
 LENGTH_SAMPLE = 20_000   # texts tokenized to choose --max-length
 LENGTH_PERCENTILE = 95
-CHUNK_ROWS = 16_384      # rows read, tokenized and written at a time (bounds memory)
+CHUNK_ROWS = 4_096       # rows read, tokenized and written at a time: the shuffled rows of one chunk
+                         # touch most pages of the memory-mapped output, so this bounds its resident pages
 ENCODE_BATCH = 4_096     # rows per call of the Rust tokenizer
+# Texts are cut to this many characters per token kept before tokenizing: the
+# tokenizer encodes a whole text before truncating it (a 10 MB field peaked at
+# 1.5 GB), and no token is longer than this (WordPiece maps a word over 100
+# characters to one [UNK]), so nothing within --max-length is lost.
+CHARS_PER_TOKEN = 128
+UNLIMITED_TOKENS = 8_192  # the cut of a tokenizer without a model_max_length
 IMAGE_BATCH = 64
 POOL = -1                # a row whose split is still to be carved out by --split
 
@@ -58,6 +65,8 @@ class PrepOptions:
     max_length: int | None = None
     sample: int | None = None
     skip_bad: bool = False
+    encoding: str = "utf-8"            # of text files: any codec Python knows
+    encoding_errors: str = "strict"    # or "replace": U+FFFD for bad bytes, counted
     force: bool = False
 
 
@@ -91,7 +100,7 @@ def load_tokenizer(ref: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise BadInput(f"--tokenizer {ref}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise library_error(e, f"--tokenizer {ref}", "cannot load its tokenizer") from None
     if not getattr(tok, "is_fast", False):
         raise BadInput(f"--tokenizer {ref}: {type(tok).__name__} is not a fast tokenizer",
                        hint="mk prep needs a tokenizer.json (a 🤗 fast tokenizer)")
@@ -147,15 +156,17 @@ class TextEncoder:
         else:
             self.backend.no_truncation()
         self.max_length = max_length
+        self.max_chars = CHARS_PER_TOKEN * (max_length or _model_limit(tok) or UNLIMITED_TOKENS)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.left = getattr(tok, "padding_side", "right") == "left"
 
     def _encode(self, texts: list[str], pairs: list[str] | None):
         """Encodings in batches of ENCODE_BATCH: long enough to keep every core busy,
         short enough that the Encoding objects (tens of bytes a token) stay small."""
+        cut = self.max_chars
         for i in range(0, len(texts), ENCODE_BATCH):
-            part = texts[i:i + ENCODE_BATCH]
-            inputs = part if pairs is None else list(zip(part, pairs[i:i + ENCODE_BATCH]))
+            part = [t[:cut] for t in texts[i:i + ENCODE_BATCH]]
+            inputs = part if pairs is None else list(zip(part, (t[:cut] for t in pairs[i:i + ENCODE_BATCH])))
             yield i, self.backend.encode_batch_fast(inputs, add_special_tokens=True)
 
     def lengths(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
@@ -235,7 +246,6 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
     frames, numeric = [], True
     counts = {"rows_read": 0, "whitespace_stripped": 0, "empty_text": 0, "no_label": 0}
     for i, table in enumerate(tables):
-        check_utf8(table)
         lf = table.scan()
         schema = lf.collect_schema()
         missing = [c for c in (cols.text, cols.pair, cols.label) if c and c not in schema]
@@ -263,10 +273,6 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
             exprs.append(pl.col(cols.split).cast(pl.String).alias("_split_name"))
         try:
             df = lf.with_row_index("_row", offset=1).select(exprs).collect(engine="streaming")
-        except pl.exceptions.ComputeError as e:
-            if "utf-8" in str(e).lower() or "utf8" in str(e).lower():
-                raise bad_utf8(table) from None
-            raise table.read_error(e) from None
         except pl.exceptions.PolarsError as e:
             raise table.read_error(e) from None
         if "_split_name" in df.columns:
@@ -356,6 +362,8 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
         take = _stratified_take(groups, opts.sample, rng)
         counts["sampled_out"] = int(len(label) - take.size)
         src, row, label, split = src[take], row[take], label[take], split[take]
+    elif opts.sample is not None:
+        log.warning("--sample %d: %s holds %d rows after cleaning; keeping them all", opts.sample, what, len(label))
     # Carve the splits not given from the training pool, stratified by label.
     targets = [0] + [s for s in (1, 2) if s not in given]
     pool = np.flatnonzero(split <= 0)
@@ -547,7 +555,7 @@ def load_image_processor(ref: str | Path):
     try:
         return AutoImageProcessor.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise BadInput(f"--tokenizer {ref}: cannot load its image processor ({str(e).splitlines()[0]})") from None
+        raise library_error(e, f"--tokenizer {ref}", "cannot load its image processor") from None
 
 
 def write_image_splits(root: Path, paths: list[Path], plan: Plan, processor) -> tuple[int, ...]:
@@ -590,11 +598,13 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
     out = Path(out)
     if not 0 <= opts.seed < 2 ** 32:
         raise BadInput(f"--seed {opts.seed}: must be between 0 and {2 ** 32 - 1}")
+    encoding = TextEncoding(opts.encoding, opts.encoding_errors)
     check_output(out, opts.force, inputs=[source, opts.val, opts.test, opts.tokenizer])
     with tempfile.TemporaryDirectory(prefix="mk-prep-") as scratch, atomic_output(out, opts.force) as tmp:
         scratch = Path(scratch)
-        main = open_source(source, scratch)
-        extra = [open_source(ref, scratch, split=s) for s, ref in (("val", opts.val), ("test", opts.test)) if ref]
+        main = open_source(source, scratch, encoding=encoding)
+        extra = [open_source(ref, scratch, split=s, encoding=encoding)
+                 for s, ref in (("val", opts.val), ("test", opts.test)) if ref]
         sources = [main, *extra]
         what = str(source)
         if isinstance(main, ImageFolder):
@@ -637,6 +647,8 @@ def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> 
                 raise BadInput(f"{extra.name}: no column {', '.join(map(repr, missing))}; its columns are: "
                                + ", ".join(map(repr, names)))
     frame, counts, numeric = scan_rows(tables, cols)
+    if opts.encoding_errors == "replace":
+        counts["bytes_replaced"] = sum(t.replaced for t in tables)
     plan = plan_rows(frame, counts, numeric, opts, what, [t.name for t in tables])
     limit = _model_limit(tok)
     encoder = TextEncoder(tok, None)
@@ -666,7 +678,9 @@ def _plan_fields(plan, opts: PrepOptions) -> dict:
     """What the manifest says of labels, splits and cleaning, for text and images alike."""
     return {"labels": plan.names, "splits": plan.counts(), "label_counts": plan.label_counts(),
             "cleaning": plan.cleaning, "split_fractions": list(opts.split), "seed": opts.seed,
-            "sample": opts.sample}
+            # the rows the sample holds, which is fewer than asked when the data is smaller
+            "sample": None if opts.sample is None else sum(plan.counts().values()),
+            "sample_requested": opts.sample}
 
 
 def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextvars
 import gzip
 import hashlib
 import json
@@ -27,7 +28,7 @@ from pathlib import Path
 from mk.core.artifact import sha256_file
 from mk.core.console import log
 from mk.core.embedded import EMBEDDED_DATA, data_path
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, first_line
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                  ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -60,6 +61,7 @@ class Table:
     frame: object = None      # an in-memory polars DataFrame (text folders)
     embedded: str | None = None  # the name of an embedded dataset (its columns are known)
     files: list[dict] = field(default_factory=list)  # what the manifest lists as sources
+    replaced: int = 0         # undecodable bytes replaced under --encoding-errors replace
 
     def scan(self):
         """The table as a polars LazyFrame (nothing read yet)."""
@@ -80,10 +82,6 @@ class Table:
 
         try:
             return list(self.scan().collect_schema().names())
-        except pl.exceptions.ComputeError as e:
-            if "utf-8" in str(e).lower() or "utf8" in str(e).lower():
-                raise bad_utf8(self) from None
-            raise self.read_error(e) from None
         except (OSError, pl.exceptions.PolarsError) as e:
             raise self.read_error(e) from None
 
@@ -101,7 +99,7 @@ class Table:
                                         hint="fix or drop that line")
                     if not isinstance(value, dict):
                         return BadInput(f"{self.name}: line {i} is not a JSON object")
-        return BadInput(f"{self.name}: cannot read as {self.format.upper()} ({_first_line(e)})")
+        return BadInput(f"{self.name}: cannot read as {self.format.upper()} ({first_line(e)})")
 
 
 @dataclass
@@ -115,13 +113,76 @@ class ImageFolder:
     split: str | None = None  # the split it provides when given by --val / --test
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+@dataclass(frozen=True)
+class TextEncoding:
+    """How text files are decoded (`--encoding`, `--encoding-errors`): any codec
+    Python knows; `replace` puts U+FFFD for undecodable bytes and counts them."""
+
+    name: str = "utf-8"
+    errors: str = "strict"
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "name", codecs.lookup(self.name).name)
+        except LookupError:
+            raise BadInput(f"--encoding {self.name!r}: not a codec Python knows",
+                           hint="e.g. utf-8, latin-1, cp1252, utf-16") from None
+        if self.errors not in ("strict", "replace"):
+            raise BadInput(f"--encoding-errors {self.errors!r}: expected strict or replace")
+
+    @property
+    def is_utf8_strict(self) -> bool:
+        return self.name == "utf-8" and self.errors == "strict"
 
 
-def open_source(ref: str | Path, tmpdir: Path, split: str | None = None):
+UTF8 = TextEncoding()
+
+# Counts the bytes replaced while decoding under `--encoding-errors replace`: a
+# codec error handler is looked up by name, so the count it adds to lives in a
+# context variable set around each decode.
+_replaced: contextvars.ContextVar[list[int]] = contextvars.ContextVar("mk_replaced")
+
+
+def _replace_counted(e: UnicodeDecodeError):
+    _replaced.get()[0] += e.end - e.start
+    return "\ufffd", e.end
+
+
+codecs.register_error("mk-replace-counted", _replace_counted)
+
+
+def decode_counted(data: bytes, enc: TextEncoding) -> tuple[str, int]:
+    """`data` decoded as `enc` says, and how many bytes were replaced."""
+    box = [0]
+    token = _replaced.set(box)
+    try:
+        return data.decode(enc.name, "mk-replace-counted" if enc.errors == "replace" else "strict"), box[0]
+    finally:
+        _replaced.reset(token)
+
+
+def transcode_to_utf8(src: Path, dst: Path, enc: TextEncoding, chunk: int = 1 << 22) -> int:
+    """Stream `src` in encoding `enc` into UTF-8 at `dst`; the count of replaced bytes.
+    (polars reads UTF-8 alone; this pass is what lets it read any other codec.)"""
+    box = [0]
+    token = _replaced.set(box)
+    decoder = codecs.getincrementaldecoder(enc.name)("mk-replace-counted" if enc.errors == "replace" else "strict")
+    try:
+        with open(src, "rb") as f, open(dst, "w", encoding="utf-8", newline="") as out:
+            while True:
+                block = f.read(chunk)
+                out.write(decoder.decode(block, final=not block))
+                if not block:
+                    return box[0]
+    finally:
+        _replaced.reset(token)
+
+
+def open_source(ref: str | Path, tmpdir: Path, split: str | None = None, encoding: TextEncoding = UTF8):
     """A Table or an ImageFolder for a path or an embedded name; exit 2 when it is
-    missing or of an unknown format. Compressed files are decompressed into `tmpdir`."""
+    missing or of an unknown format. Compressed files are decompressed into `tmpdir`,
+    and text in another encoding than UTF-8 is transcoded there; what polars reads
+    is valid UTF-8 (the embedded tweets, with their mojibake, are read lossily)."""
     ref_s = str(ref)
     p = Path(ref_s)
     if not p.exists() and ref_s in EMBEDDED_DATA:
@@ -135,7 +196,7 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None):
         hint = f"embedded datasets: {', '.join(EMBEDDED_DATA)}" if split is None else None
         raise BadInput(f"{ref_s}: no such file or directory", hint=hint)
     if p.is_dir():
-        return open_folder(p, split)
+        return open_folder(p, split, encoding)
     suffixes = [s.lower() for s in p.suffixes]
     opener = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
     fmt_suffix = suffixes[-2] if opener and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
@@ -151,7 +212,17 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None):
             with opener(p, "rb") as src, open(read_path, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
         except (OSError, EOFError, lzma.LZMAError) as e:
-            raise BadInput(f"{ref_s}: cannot decompress ({_first_line(e)})") from None
+            raise BadInput(f"{ref_s}: cannot decompress ({first_line(e)})") from None
+    replaced = 0
+    if fmt != "parquet" and not encoding.is_utf8_strict:
+        utf8_path = tmpdir / f"{len(list(tmpdir.iterdir()))}{fmt_suffix}"
+        try:
+            replaced = transcode_to_utf8(read_path, utf8_path, encoding)
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{ref_s}: not valid {encoding.name} ({first_line(e)})",
+                           hint="name the file's encoding with --encoding, or pass --encoding-errors replace") \
+                from None
+        read_path = utf8_path
     if fmt == "jsonl":
         with open(read_path, "rb") as f:
             head = f.read(4096)
@@ -165,8 +236,11 @@ def open_source(ref: str | Path, tmpdir: Path, split: str | None = None):
             raise BadInput(f"{ref_s}: a JSON array; mk prep reads JSON lines (one object per line)",
                            hint="convert it, e.g. `jq -c '.[]' in.json > out.jsonl`")
     separator = _sniff_separator(read_path) if fmt == "csv" else ","
-    return Table(name=ref_s, format=fmt, split=split, path=read_path, separator=separator,
-                 files=[_file_entry(p, ref_s)])
+    table = Table(name=ref_s, format=fmt, split=split, path=read_path, separator=separator,
+                  files=[_file_entry(p, ref_s)], replaced=replaced)
+    if encoding.is_utf8_strict:
+        check_utf8(table)
+    return table
 
 
 def _sniff_separator(path: Path) -> str:
@@ -188,7 +262,7 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def open_folder(root: Path, split: str | None = None):
+def open_folder(root: Path, split: str | None = None, encoding: TextEncoding = UTF8):
     """A folder of class sub-folders (or of train/val/test folders of class sub-folders)."""
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _visible(d))
     if not subdirs:
@@ -225,33 +299,39 @@ def open_folder(root: Path, split: str | None = None):
               "sha256": digest.hexdigest(), "note": "sha256 over (relative path, file sha256) lines, sorted"}]
     if images:
         return ImageFolder(name=str(root), items=images, files=files, split=split)
-    return Table(name=str(root), format="text-folder", split=split, frame=_read_text_folder(root, texts), files=files)
+    frame, replaced = _read_text_folder(root, texts, encoding)
+    return Table(name=str(root), format="text-folder", split=split, frame=frame, files=files, replaced=replaced)
 
 
-def _read_text_folder(root: Path, entries):
+def _read_text_folder(root: Path, entries, encoding: TextEncoding):
     import polars as pl
 
     docs, labels, splits, names = [], [], [], []
+    replaced = 0
     for f, label, sp in entries:
         try:
-            docs.append(f.read_bytes().decode("utf-8"))
+            text, n = decode_counted(f.read_bytes(), encoding)
         except UnicodeDecodeError as e:
-            raise BadInput(f"{f}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})",
-                           hint="re-encode the file as UTF-8") from None
+            raise BadInput(f"{f}: not valid {encoding.name} (byte 0x{e.object[e.start]:02x} at offset {e.start})",
+                           hint="name the files' encoding with --encoding (e.g. latin-1), "
+                                "or pass --encoding-errors replace") from None
+        docs.append(text)
+        replaced += n
         labels.append(label)
         splits.append(sp)
         names.append(f.relative_to(root).as_posix())
     frame = {"text": docs, "label": labels, "file": names}
     if any(s is not None for s in splits):
         frame["split"] = splits
-    return pl.DataFrame(frame)
+    return pl.DataFrame(frame), replaced
 
 
 # ---------------------------------------------------------------- UTF-8 checks
 
 def check_utf8(table: Table, chunk: int = 1 << 22) -> None:
     """Exit 2 naming the row when a CSV/TSV/JSONL file is not valid UTF-8 (one
-    streaming pass; the embedded tweets file is read lossily by design)."""
+    streaming pass when the source is opened, so that no later read meets bad bytes;
+    the embedded tweets file is read lossily by design)."""
     if table.path is None or table.encoding != "utf8" or table.format == "parquet":
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -268,21 +348,16 @@ def check_utf8(table: Table, chunk: int = 1 << 22) -> None:
             offset += len(block)
 
 
-def bad_utf8(table: Table, offset: int | None = None, byte: bytes | None = None) -> BadInput:
+def bad_utf8(table: Table, offset: int, byte: bytes) -> BadInput:
     """The error for a file that is not UTF-8, naming the first bad row (and line)."""
-    if offset is None:  # polars found it first: find where
-        try:
-            check_utf8(table)
-        except BadInput as e:
-            return e
-        return BadInput(f"{table.name}: not valid UTF-8")
     with open(table.path, "rb") as f:
         head = f.read(offset)
     line = head.count(b"\n") + 1
     row = _bad_row(table)
     where = f"row {row} (line {line})" if row is not None else f"line {line}"
-    return BadInput(f"{table.name}: {where} is not valid UTF-8 (byte 0x{byte.hex() if byte else '??'} "
-                    f"at offset {offset})", hint="re-encode the file as UTF-8, e.g. with iconv")
+    return BadInput(f"{table.name}: {where} is not valid UTF-8 (byte 0x{byte.hex()} "
+                    f"at offset {offset})", hint="name the file's encoding with --encoding (e.g. latin-1, "
+                    "cp1252), or pass --encoding-errors replace")
 
 
 def _bad_row(table: Table) -> int | None:

@@ -27,9 +27,10 @@ import numpy as np
 
 from mk.core import __version__
 from mk.core.artifact import Artifact, created_by, open_artifact
+from mk.core.cpu import int8_path_mismatch, this_cpu
 from mk.core.console import log, progress
 from mk.core.device import check_device
-from mk.core.errors import BadInput, MkError
+from mk.core.errors import BadInput, MkError, first_line
 
 SCHEMA = "mk.bench/1"
 # A variant must beat its parent by more than this ratio to count as faster:
@@ -328,8 +329,7 @@ def _named(art: Artifact, e: Exception, what: str) -> MkError:
         if str(art.path) not in e.message:
             e.message = f"{art.path}: {e.message}"
         return e
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return BadInput(f"{art.path}: {what} ({type(e).__name__}: {first})")
+    return BadInput(f"{art.path}: {what} ({type(e).__name__}: {first_line(e)})")
 
 
 def load(entry: Entry, device: str, threads: int, mem: PeakRSS) -> None:
@@ -486,6 +486,7 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     _preimport(arts, settings.device)
     mem = PeakRSS()
     warnings: list[str] = []
+    warnings += [w for a in arts if (w := int8_path_mismatch(a))]
     load_before = _loadavg()
     cores = os.cpu_count() or 1
     if load_before is not None and load_before > 0.5 * cores:
@@ -580,7 +581,7 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
 
 
 def _accuracy(e: Entry, dataset, split, settings: Settings, warnings: list[str]) -> dict:
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
 
     none = {"accuracy": None, "macro_f1": None, "eval_rows": None,
             "dataset": str(dataset.path) if dataset is not None else None}
@@ -613,32 +614,6 @@ def _loadavg() -> float | None:
         return None
 
 
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "neon", "asimd")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
 def _versions() -> dict:
     from importlib import metadata
 
@@ -659,8 +634,9 @@ def environment(threads: int, requested: int | None) -> dict:
     import psutil
 
     env = {
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu": this_cpu().model,
+        "cpu_flags": list(this_cpu().flags),
+        "int8_path": this_cpu().int8_path,
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_logical": psutil.cpu_count(),
         "memory_bytes": psutil.virtual_memory().total,

@@ -4,7 +4,6 @@ Parquet or JSON via -o, and a plot (accuracy against throughput, latency bars)."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mk.core.errors import BadInput
@@ -13,22 +12,34 @@ OUTPUT_SUFFIXES = (".csv", ".parquet", ".json")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def check_paths(output: Path | None, plot: Path | None) -> None:
-    """Refuse an output we cannot write before minutes of measuring."""
+def check_paths(output: Path | None, plot: Path | None, force: bool = False) -> None:
+    """Refuse an output we cannot or must not write before minutes of measuring."""
+    from mk.core.outputs import check_output, file_blocker
+
     for path, suffixes, option in ((output, OUTPUT_SUFFIXES, "-o"), (plot, PLOT_SUFFIXES, "--plot")):
         if path is None:
             continue
         if path.suffix.lower() not in suffixes:
             raise BadInput(f"{option} {path}: unknown file type {path.suffix or '(none)'!r}; "
                            f"use {', '.join(suffixes)}")
-        if not path.parent.exists() and str(path.parent) != "":
-            raise BadInput(f"{option} {path}: the folder {path.parent} does not exist")
-        if path.is_dir():
-            raise BadInput(f"{option} {path}: is a folder; give a file name")
-        if not path.parent.is_dir():
-            raise BadInput(f"{option} {path}: {path.parent} is not a folder")
-        if not os.access(path.parent, os.W_OK):
-            raise BadInput(f"{option} {path}: the folder {path.parent} is not writable")
+        check_output(path, force, blocker=file_blocker(_ours(path)))
+
+
+def is_bench_result(path: Path) -> str | None:
+    """None when `path` holds a `mk bench` JSON result (which --force may replace)."""
+    try:
+        schema = json.loads(Path(path).read_text()).get("schema")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        schema = None
+    if isinstance(schema, str) and schema.startswith("mk.bench/"):
+        return None
+    return "a file that is not a `mk bench` result (no mk.bench schema)"
+
+
+def _ours(path: Path):
+    """Which existing file --force may replace: for .json only a bench result; a
+    .csv, .parquet or plot cannot say who wrote it, so any regular file."""
+    return is_bench_result if path.suffix.lower() == ".json" else None
 
 
 # ------------------------------------------------------------------ tables --
@@ -173,37 +184,34 @@ def rows(result: dict) -> list[dict]:
     return out
 
 
-def write_output(result: dict, path: Path) -> Path:
+def write_output(result: dict, path: Path, force: bool = False) -> Path:
     """-o results.csv | .parquet (polars) | .json (the whole result)."""
+    from mk.core.outputs import atomic_file
+
     path = Path(path)
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    if suffix not in OUTPUT_SUFFIXES:
+        raise BadInput(f"-o {path}: unknown file type; use {', '.join(OUTPUT_SUFFIXES)}")
+    with atomic_file(path, force, _ours(path)) as tmp:
         if suffix == ".json":
             tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
         else:
             import polars as pl
 
             df = pl.DataFrame(rows(result), infer_schema_length=None)
-            if suffix == ".csv":
-                df.write_csv(tmp)
-            elif suffix == ".parquet":
-                df.write_parquet(tmp)
-            else:
-                raise BadInput(f"-o {path}: unknown file type; use {', '.join(OUTPUT_SUFFIXES)}")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            df.write_csv(tmp) if suffix == ".csv" else df.write_parquet(tmp)
     return path
 
 
 # -------------------------------------------------------------------- plot --
 
-def plot(result: dict, path: Path) -> Path:
+def plot(result: dict, path: Path, force: bool = False) -> Path:
     """Offline: accuracy against throughput (marker area ∝ size on disk) and p50
     latency bars with p99 whiskers per artifact and shape. HTTP: throughput and
     latency against concurrency."""
     import matplotlib
+
+    from mk.core.outputs import atomic_file
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -216,9 +224,8 @@ def plot(result: dict, path: Path) -> Path:
         else:
             _plot_http(result, left, right)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
+        with atomic_file(path, force) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix[1:].lower())
     finally:
         plt.close(fig)
     return path

@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from mk.core.artifact import Artifact
+from mk.core.console import quiet_onnxruntime
 from mk.core.device import check_device
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, library_error
 
 _NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                 "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str) -> list:
+    """ONNX Runtime's providers for `--device`: `cuda:N` runs on GPU N (`device_id`),
+    `auto` on GPU 0 when this onnxruntime has CUDA, else the CPU."""
     import onnxruntime as ort
 
     check_device(device)
@@ -20,25 +23,34 @@ def providers_for(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        gpu = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
     if device == "auto":
         return ["CPUExecutionProvider"]
     raise BadInput(f"--device {device}: this onnxruntime has no CUDA provider ({', '.join(available)})",
                    hint="pip install 'mk[gpu]' (onnxruntime-gpu), or use --device cpu")
 
 
+def session_device(session) -> str:
+    """Where a session runs: `cuda:N` as its CUDA provider was given, else `cpu`."""
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return "cpu"
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return f"cuda:{options.get('device_id', 0)}"
+
+
 def open_session(path, device: str = "auto", threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = quiet_onnxruntime()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), opts, providers=providers_for(device))
     except Exception as e:  # onnxruntime raises its own untyped errors for bad files
-        raise BadInput(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
+        raise library_error(e, path, "ONNX Runtime cannot load it") from None
 
 
 class OnnxRuntime:
@@ -50,7 +62,7 @@ class OnnxRuntime:
             raise BadInput(f"{art.path}: ONNX artifact without model.onnx")
         self.artifact = art
         self.session = open_session(path, device, threads)
-        self.device = "cuda:0" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.device = session_device(self.session)
         self.threads = threads
         self.inputs = {i.name: _NUMPY_TYPES.get(i.type, np.int64) for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name

@@ -6,7 +6,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact
 from mk.core.device import resolve_device
-from mk.core.errors import BadInput
+from mk.core.errors import library_error
 
 
 def load_classifier(path, task: str | None, **overrides):
@@ -18,18 +18,16 @@ def load_classifier(path, task: str | None, **overrides):
     from safetensors import SafetensorError
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
     auto = (transformers.AutoModelForImageClassification if task == "image-classification"
             else transformers.AutoModelForSequenceClassification)
     try:
-        from mk.core.training import lora
-        if lora.is_adapter(path):
-            return lora.load_adapter_classifier(path, auto, **overrides)
+        from mk.core.runtime import adapters
+        if adapters.is_adapter(path):
+            return adapters.load_adapter_classifier(path, auto, **overrides)
         return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, **overrides)
-    except SafetensorError as e:  # truncated or corrupt weights are bad input, not a crash
-        raise BadInput(f"{path}: cannot load the model (corrupt model.safetensors: "
-                       f"{str(e).splitlines()[0]})") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise BadInput(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # corrupt weights, a foreign folder
+        raise library_error(e, path, "cannot load the model") from None
 
 
 def accepts_token_types(model) -> bool:

@@ -53,7 +53,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, t0 = scope["path"], time.perf_counter()
+        t0 = time.perf_counter()
         status = [500]
 
         async def sending(message):

@@ -3,12 +3,9 @@ architecture, merged into plain weights on save unless `--no-merge`."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, library_error
 
-ADAPTER_CONFIG = "adapter_config.json"
 
 # Attention projections and feed-forward layers of the encoder (regexes are matched
 # against whole module names, so heads and poolers are left to `modules_to_save`).
@@ -53,37 +50,10 @@ def wrap(model, r: int, alpha: int | None = None, dropout: float = 0.1):
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise BadInput(f"--lora: cannot place adapters in a {model.config.model_type} model "
-                       f"({str(e).splitlines()[0]})") from None
+        raise library_error(e, "--lora", f"cannot place adapters in a {model.config.model_type} model") \
+            from None
 
 
 def unwrap_for_save(model, merge: bool = True):
     """Merged: a plain transformers model; not merged: the peft model as is."""
     return model.merge_and_unload() if merge else model
-
-
-def is_adapter(path: Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(path: Path) -> Path:
-    """Where an unmerged adapter's base model lives (recorded when it was saved)."""
-    cfg = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-    base = Path(cfg.get("base_model_name_or_path") or "")
-    if not base.is_absolute():
-        base = (Path(path) / base).resolve()
-    if not (base / "config.json").is_file():
-        raise BadInput(f"{path}: LoRA adapter whose base model {base} is gone",
-                       hint="tune again with the adapter merged (the default)")
-    return base
-
-
-def load_adapter_classifier(path: Path, auto_cls, **kwargs):
-    """An unmerged adapter artifact as a classifier: its base, its labels, the adapter."""
-    from peft import PeftModel
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    base = auto_cls.from_pretrained(str(adapter_base(path)), local_files_only=True, trust_remote_code=False,
-                                    id2label={int(k): v for k, v in cfg["id2label"].items()},
-                                    label2id=cfg["label2id"], **kwargs)
-    return PeftModel.from_pretrained(base, str(path), is_trainable=False)

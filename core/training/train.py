@@ -19,13 +19,18 @@ takes the next `batch_size × grad_accum × world_size` examples of the epoch's
 order and every rank takes its share; the loss is scaled so the averaged
 gradient is the mean over the whole global batch, i.e. the same step a single
 process makes with that global batch. Only rank 0 writes.
+
+The pieces: `Trainer` checks the inputs and runs the loop; `Stepper` takes one
+optimizer step; `Validation` evaluates after each epoch and stops early;
+`TrainState` (in `checkpoint.py`) is where the run stands, and `Checkpointer`
+there saves and restores it; `train_log.py` writes the JSONL log;
+`distributed.py` holds the process group and its collectives.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -37,16 +42,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, atomic_output, check_output, open_artifact, write_manifest
+from mk.core.artifact import Artifact, open_artifact, write_manifest
+from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import load_split, num_rows, open_dataset, trim_padding
 from mk.core.errors import INTERRUPTED, BadInput, MkError
 from mk.core.runtime.torch_runtime import TorchRuntime, accepts_token_types
 from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
+from mk.core.training.checkpoint import Checkpointer, TrainState
+from mk.core.training.distributed import Dist, check_ranks_agree
+from mk.core.training.train_log import LOG_NAME, TrainLog
 
-LOG_NAME = "train_log.jsonl"
-CKPT_NAME = "last.pt"
-BEST_NAME = "best.pt"
 # Options that must match for --resume to continue the same run.
 RUN_KEYS = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup", "schedule",
             "max_grad_norm", "patience", "seed", "lora", "lora_alpha", "lora_dropout", "temperature",
@@ -117,36 +123,6 @@ class TuneOptions:
             problems.append("--patience must be ≥ 1")
         if problems:
             raise BadInput("; ".join(problems))
-
-
-def checkpoint_dir(out: Path) -> Path:
-    """`OUT.ckpt/` beside the output: outlives a failed or interrupted run."""
-    out = Path(out)
-    return out.parent / f"{out.name}.ckpt"
-
-
-# ---------------------------------------------------------------------------
-# Distributed set-up (torchrun / accelerate launch)
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return cls(rank=int(os.environ.get("RANK", "0")), world=world,
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +253,7 @@ def _base_model(model):
 
 def evaluate_model(model, split: dict, num_labels: int, device, autocast, batch_size: int,
                    description: str) -> dict:
-    from mk.core.measurement.evaluate import evaluate
+    from mk.core.evaluation import evaluate
 
     was_training = model.training
     model.eval()
@@ -311,52 +287,6 @@ def autocast_factory(precision: str, device: str):
     return lambda: torch.autocast(device_type=kind, dtype=dtype)
 
 
-# ---------------------------------------------------------------------------
-# Checkpoints
-
-def _rng_state() -> dict:
-    import torch
-
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(ckpt: Path) -> dict:
-    import torch
-
-    path = ckpt / CKPT_NAME
-    if not path.is_file():
-        raise BadInput(f"{ckpt}: no checkpoint to resume from",
-                       hint="run without --resume to start training")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise BadInput(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})",
-                       hint="run with --force instead of --resume to start over") from None
-
 
 # ---------------------------------------------------------------------------
 # Signals: SIGINT / SIGTERM ask for a checkpoint at the next step boundary
@@ -389,6 +319,190 @@ class StopRequest:
                 signal.signal(s, h)
 
 
+
+
+# ---------------------------------------------------------------------------
+# One optimizer step
+
+@dataclass
+class Plan:
+    """The run's length in optimizer steps and the examples each step takes."""
+    examples: int
+    global_batch: int                   # batch_size × grad_accum × world_size
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+    @classmethod
+    def of(cls, examples: int, opts: TuneOptions, world: int) -> "Plan":
+        global_batch = opts.batch_size * opts.grad_accum * world
+        steps_per_epoch = math.ceil(examples / global_batch)
+        total = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
+        warmup = int(opts.warmup * total) if opts.warmup < 1 else int(opts.warmup)
+        return cls(examples, global_batch, steps_per_epoch, total, warmup)
+
+
+@dataclass
+class StepResult:
+    loss: float                         # the mean over the global batch
+    grad_norm: float                    # before clipping; 0 with clipping off
+    lr: float                           # the learning rate the step used
+    examples: int
+    seconds: float
+    stop: bool                          # some rank was asked to stop
+
+
+class Stepper:
+    """The model with its optimizer, scheduler and gradient scaler, taking one
+    optimizer step at a time over a global batch of examples."""
+
+    def __init__(self, model, teacher, split: dict, opts: TuneOptions, dist: Dist, device: str,
+                 precision: str, plan: Plan, last_checkpoint: Path):
+        import torch
+
+        self.model, self.runner, self.teacher = model, model, teacher
+        self.split, self.opts, self.dist, self.device = split, opts, dist, device
+        self.precision, self.last_checkpoint = precision, last_checkpoint
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        lr = opts.learning_rate()
+        try:  # the fused kernel: ~5x faster than the per-tensor loop on CPU as well as on CUDA
+            self.optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, fused=True)
+        except (RuntimeError, ValueError):
+            self.optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(opts.schedule, plan.warmup, plan.total))
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.autocast = autocast_factory(precision, device)
+        self.accepts_tt = accepts_token_types(model)
+        self.flags = torch.zeros(3, dtype=torch.float64, device=device)
+
+    @property
+    def parts(self) -> tuple:
+        """What a checkpoint holds: model, optimizer, scheduler, scaler."""
+        return self.model, self.optimizer, self.scheduler, self.scaler
+
+    def wrap(self) -> None:
+        """Run the model under DDP from now on (after the checkpoint is restored)."""
+        self.runner = self.dist.wrap(self.model, self.device)
+
+    def step(self, number: int, idx: np.ndarray, stop: "StopRequest") -> StepResult:
+        """Optimizer step `number` on the examples `idx` (the whole global batch;
+        this rank takes its share). Every rank agrees on the loss, on a non-finite
+        loss or gradient (an error, before the weights change) and on a stop."""
+        import torch
+
+        t0 = time.perf_counter()
+        loss_sum = self._backward(idx)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.opts.max_grad_norm)
+                     if self.opts.max_grad_norm > 0 else torch.zeros((), device=self.device))
+        flags = self.flags
+        flags[0] = loss_sum
+        flags[1] = 0.0 if torch.isfinite(loss_sum) and (
+            self.scaler is not None or torch.isfinite(grad_norm)) else 1.0
+        flags[2] = 1.0 if stop else 0.0
+        self.dist.sum(flags)
+        total_loss, bad, stopping = flags.tolist()
+        if bad:
+            raise MkError(self._nonfinite_message(number, total_loss, grad_norm), hint=self._nonfinite_hint())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return StepResult(loss=total_loss / len(idx), grad_norm=float(grad_norm), lr=lr, examples=len(idx),
+                          seconds=time.perf_counter() - t0, stop=bool(stopping))
+
+    def _backward(self, idx: np.ndarray):
+        """Gradients of this rank's share of `idx`, micro-batch by micro-batch;
+        the sum of its per-example losses."""
+        import torch
+
+        from mk.core.training.distill import per_example_loss
+
+        opts, dist = self.opts, self.dist
+        shard = idx[dist.rank::dist.world]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(opts.grad_accum):
+            mb = shard[i * opts.batch_size:(i + 1) * opts.batch_size]
+            if len(mb) == 0 and not dist.active:
+                continue
+            last = i == opts.grad_accum - 1
+            with self.runner.no_sync() if dist.active and not last else nullcontext():
+                feed, labels = make_batch(self.split, mb if len(mb) else idx[:1], self.device, self.accepts_tt)
+                with self.autocast():
+                    logits = self.runner(**feed).logits
+                    t_logits = self.teacher(**feed).logits if self.teacher is not None else None
+                if len(mb):
+                    per = per_example_loss(logits, labels, t_logits, opts.temperature, opts.alpha)
+                    loss = per.sum() * (dist.world / len(idx))
+                    loss_sum += per.detach().sum()
+                else:  # an empty share still joins the gradient all-reduce
+                    loss = logits.sum() * 0.0
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss_sum
+
+    def _nonfinite_message(self, step: int, loss: float, grad_norm) -> str:
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
+        where = (f"the last good checkpoint is {self.last_checkpoint}"
+                 if self.last_checkpoint.is_file() else "no checkpoint was written yet")
+        return f"non-finite {what} at step {step}; training stopped, {where}"
+
+    def _nonfinite_hint(self) -> str:
+        lr = self.opts.learning_rate()
+        return (f"lower the learning rate (--lr {lr / 10:g}), keep clipping on (--max-grad-norm 1)"
+                + (", or use --precision bf16/fp32" if self.precision == "fp16" else "")
+                + "; --resume continues from the checkpoint")
+
+
+# ---------------------------------------------------------------------------
+# Validation after each epoch, and early stopping
+
+class Validation:
+    """Evaluates on the validation split after each epoch; with --patience, stops
+    after that many epochs without a better macro-F1 and keeps the best weights
+    (in memory, and in best.pt for --resume)."""
+
+    def __init__(self, split: dict, num_labels: int, opts: TuneOptions, device: str, dist: Dist,
+                 checkpoints: Checkpointer):
+        self.split, self.num_labels, self.opts, self.device = split, num_labels, opts, device
+        self.dist, self.checkpoints = dist, checkpoints
+        self.best_weights = None
+
+    def __call__(self, model, autocast, state: TrainState, epoch: int, train_log: TrainLog) -> None:
+        opts = self.opts
+        metrics = evaluate_model(model, self.split, self.num_labels, self.device, autocast,
+                                 opts.eval_batch_size, f"epoch {epoch} val")
+        metrics = self.dist.from_main(metrics)  # every rank decides alike, on rank 0's figures
+        better = state.best is None or metrics["macro_f1"] > state.best
+        if better:
+            state.best, state.best_step, state.bad_evals = metrics["macro_f1"], state.step, 0
+            if opts.patience:
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                self.checkpoints.save_best(self.best_weights)
+        else:
+            state.bad_evals += 1
+        entry = {"epoch": epoch, "step": state.step, "val_accuracy": metrics["accuracy"],
+                 "val_macro_f1": metrics["macro_f1"], "best": better}
+        state.history.append(entry)
+        train_log.write("eval", **entry, time=time.time())
+        log.info("epoch %d: val accuracy %.4f, macro-F1 %.4f%s", epoch, metrics["accuracy"],
+                 metrics["macro_f1"], " (best)" if better else f" (best {state.best:.4f})")
+        if opts.patience and state.bad_evals >= opts.patience:
+            log.info("early stop: no better val macro-F1 for %d epochs; keeping the weights of step %d",
+                     state.bad_evals, state.best_step)
+            state.stopped_early = True
+
+    def keep_best(self, model, state: TrainState) -> None:
+        """With --patience, go back to the best weights if training went past them."""
+        if self.opts.patience and self.best_weights is not None and state.best_step != state.step:
+            model.load_state_dict(self.best_weights)
+
+
 # ---------------------------------------------------------------------------
 # The run
 
@@ -403,12 +517,8 @@ class Trainer:
             import logging
             log.setLevel(logging.WARNING)
         self.out = Path(out)
-        self.ckpt = checkpoint_dir(self.out)
-        self._resumed_at = None
         check_output(self.out, force)
-        if self.ckpt.exists() and not self.ckpt.is_dir():
-            raise BadInput(f"{self.ckpt}: is a file, where mk tune keeps its checkpoints",
-                           hint="move it away, or choose another -o")
+        self.checkpoints = Checkpointer(self.out, self.dist)
         self.dataset = open_dataset(data)
         self.base = open_artifact(model, kind="model")
         self.model_ref = str(model)
@@ -428,21 +538,10 @@ class Trainer:
             check_teacher(self.teacher_art, self.dataset, self.labels)
         check_output(self.out, force, inputs=[self.dataset.path, self.base.path,
                                               self.teacher_art.path if self.teacher_art else None])
-        if opts.resume:
-            self.checkpoint = load_checkpoint(self.ckpt)
-            self._check_resume(self.checkpoint)
-        else:
-            self.checkpoint = None
-            if (self.ckpt / CKPT_NAME).is_file():
-                if not force:
-                    raise BadInput(f"{self.ckpt}: holds the checkpoint of an unfinished run",
-                                   hint="pass --resume to continue it, or --force to start over")
-            if self.dist.main:
-                shutil.rmtree(self.ckpt, ignore_errors=True)
-
-    # -- configuration ------------------------------------------------------
+        self.checkpoints.open(self.run_config(), opts.resume, force)
 
     def run_config(self) -> dict:
+        """What must match for --resume to continue the same run."""
         d = asdict(self.opts)
         cfg = {k: d[k] for k in RUN_KEYS}
         cfg["lr"] = self.opts.learning_rate()
@@ -452,21 +551,17 @@ class Trainer:
         cfg["world_size"] = self.dist.world
         return cfg
 
-    def _check_resume(self, ckpt: dict) -> None:
-        saved, now = ckpt.get("config", {}), self.run_config()
-        diffs = [f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
-        if diffs:
-            raise BadInput(f"{self.ckpt}: the checkpoint is of a different run: " + "; ".join(diffs),
-                           hint="resume with the same options, or pass --force instead of --resume to start over")
-
     # -- main ---------------------------------------------------------------
 
     def run(self) -> dict | None:
         import torch
 
-        self._init_distributed()
+        from mk.core.device import resolve_device
+
+        self.device = self.dist.init(resolve_device(self.opts.device))
+        self.precision = resolve_precision(self.opts.precision, self.device)
         try:
-            return self._run(torch)
+            return self._run()
         except torch.OutOfMemoryError:
             b = self.opts.batch_size
             raise MkError(f"out of memory on {self.device} at batch size {b}",
@@ -475,25 +570,42 @@ class Trainer:
                                "the model does not fit even at batch size 1: use --lora or a smaller model") \
                 from None
         finally:
-            if self.dist.active and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            self.dist.destroy()
 
-    def _init_distributed(self) -> None:
+    def _run(self) -> dict | None:
+        dist = self.dist
+        t_start = time.perf_counter()
+        train, val, test = self._load_splits()
+        model, teacher = self._load_models()
+        self._check_splits(model, train, val, test)
+        n = num_rows(train)
+        if n < dist.world:
+            raise BadInput(f"{self.dataset.path}: {n} training examples cannot feed {dist.world} processes")
+        plan = Plan.of(n, self.opts, dist.world)
+        stepper = Stepper(model, teacher, train, self.opts, dist, self.device, self.precision, plan,
+                          self.checkpoints.last)
+        validation = Validation(val, len(self.labels), self.opts, self.device, dist, self.checkpoints)
+        state = self._start(stepper, validation, plan)
+        stepper.wrap()
+        with TrainLog(self.checkpoints.dir, state.log_offset, dist.main) as train_log:
+            self._log_start(train_log, state, plan)
+            self._loop(stepper, validation, state, plan, train_log, t_start)
+            validation.keep_best(model, state)
+            if dist.active:
+                check_ranks_agree(dist, model, train_log)
+            train_seconds = time.perf_counter() - t_start
+            if not dist.main:
+                dist.barrier()
+                return None
+            return self._finish(model, test, stepper.autocast, state, plan, train_seconds, train_log)
+
+    def _load_splits(self) -> tuple[dict, dict, dict | None]:
+        test = (load_split(self.dataset, "test") if (self.dataset.path / "test.safetensors").is_file()
+                else None)
+        return load_split(self.dataset, "train"), load_split(self.dataset, "val"), test
+
+    def _load_models(self):
         import torch
-
-        from mk.core.device import resolve_device
-
-        device = resolve_device(self.opts.device)
-        if self.dist.active:
-            if device.startswith("cuda"):
-                device = f"cuda:{self.dist.local_rank}"
-                torch.cuda.set_device(device)
-            if not torch.distributed.is_initialized():
-                torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        self.device = device
-        self.precision = resolve_precision(self.opts.precision, device)
-
-    def _load_models(self, torch):
         import transformers
 
         from mk.core.runtime.torch_runtime import load_classifier
@@ -522,257 +634,82 @@ class Trainer:
             teacher.requires_grad_(False)
         return model, teacher
 
-    def _run(self, torch) -> dict | None:
-        opts, dist = self.opts, self.dist
-        t_start = time.perf_counter()
-        train = load_split(self.dataset, "train")
-        val = load_split(self.dataset, "val")
-        test = load_split(self.dataset, "test") if (self.dataset.path / "test.safetensors").is_file() else None
-        model, teacher = self._load_models(torch)
-        cfg = model.config if not opts.lora else _base_model(model).config
+    def _check_splits(self, model, train: dict, val: dict, test: dict | None) -> None:
+        cfg = model.config if not self.opts.lora else _base_model(model).config
         vocab = getattr(cfg, "vocab_size", None)
         positions = getattr(cfg, "max_position_embeddings", None)
         for name, split in (("train", train), ("val", val), ("test", test)):
             if split is not None:
                 _check_split(name, split, self.labels, vocab, positions, self.dataset.path)
-        n = num_rows(train)
-        global_batch = opts.batch_size * opts.grad_accum * dist.world
-        if n < dist.world:
-            raise BadInput(f"{self.dataset.path}: {n} training examples cannot feed {dist.world} processes")
-        steps_per_epoch = math.ceil(n / global_batch)
-        total = opts.max_steps or max(1, math.ceil(opts.epochs * steps_per_epoch))
-        warmup = int(opts.warmup * total) if opts.warmup < 1 else int(opts.warmup)
-        lr = opts.learning_rate()
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        try:  # the fused kernel: ~5x faster than the per-tensor loop on CPU as well as on CUDA
-            optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr, fused=True)
-        except (RuntimeError, ValueError):
-            optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.schedule, warmup, total))
-        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        autocast = autocast_factory(self.precision, self.device)
-        accepts_tt = accepts_token_types(model)
+    def _start(self, stepper: Stepper, validation: Validation, plan: Plan) -> TrainState:
+        """The state to start from: the checkpoint's with --resume, else step 0
+        with the RNGs seeded (apart on each rank)."""
+        state = self.checkpoints.restore(*stepper.parts)
+        if state is None:
+            import torch
 
-        state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "log_offset": 0,
-                 "stopped_early": False}
-        best_weights = None
-        if self.checkpoint is not None:
-            ck = self.checkpoint
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if scaler is not None and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            state.update(ck["state"])
-            rngs = ck["rng"]
-            _set_rng_state(rngs[dist.rank] if len(rngs) == dist.world else rngs[0])
-            if (self.ckpt / BEST_NAME).is_file() and state["best"] is not None:
-                best_weights = torch.load(self.ckpt / BEST_NAME, map_location="cpu", weights_only=True)
-            self.checkpoint = None
-            self._resumed_at = state["step"]
-            log.info("resuming at step %d of %d from %s", state["step"], total, self.ckpt)
-        else:
-            torch.manual_seed(opts.seed + dist.rank)
-            random.seed(opts.seed + dist.rank)
-            np.random.seed(opts.seed + dist.rank)
+            seed = self.opts.seed + self.dist.rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            return TrainState()
+        if state.best is not None:
+            validation.best_weights = self.checkpoints.load_best()
+        log.info("resuming at step %d of %d from %s", state.step, plan.total, self.checkpoints.dir)
+        return state
 
-        runner = model
-        if dist.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            runner = DDP(model, device_ids=[self.device] if self.device.startswith("cuda") else None)
-
-        logf = None
-        if dist.main:
-            self.ckpt.mkdir(parents=True, exist_ok=True)
-            logf = open(self.ckpt / LOG_NAME, "a+b")
-            logf.truncate(state["log_offset"])
-            logf.seek(state["log_offset"])
-
-        def write_log(event: str, **fields):
-            if logf is not None:
-                logf.write((json.dumps({"event": event, **fields}, default=float) + "\n").encode())
-
-        write_log("resume" if state["step"] else "start", step=state["step"], total_steps=total,
-                  steps_per_epoch=steps_per_epoch, global_batch=global_batch, world_size=dist.world,
-                  device=self.device, precision=self.precision, lr=lr, warmup_steps=warmup,
-                  examples=n, time=time.time())
+    def _log_start(self, train_log: TrainLog, state: TrainState, plan: Plan) -> None:
+        dist = self.dist
+        train_log.write("resume" if state.step else "start", step=state.step, total_steps=plan.total,
+                        steps_per_epoch=plan.steps_per_epoch, global_batch=plan.global_batch,
+                        world_size=dist.world, device=self.device, precision=self.precision,
+                        lr=self.opts.learning_rate(), warmup_steps=plan.warmup, examples=plan.examples,
+                        time=time.time())
         log.info("training %s on %s: %d examples, %d steps (%d per epoch, global batch %d), %s on %s%s",
-                 self.model_ref, self.dataset.path, n, total, steps_per_epoch, global_batch,
-                 self.precision, self.device, f" × {dist.world} processes" if dist.active else "")
+                 self.model_ref, self.dataset.path, plan.examples, plan.total, plan.steps_per_epoch,
+                 plan.global_batch, self.precision, self.device,
+                 f" × {dist.world} processes" if dist.active else "")
 
-        def save_checkpoint(reason: str):
-            rngs = [_rng_state()]
-            if dist.active:
-                rngs = [None] * dist.world
-                torch.distributed.all_gather_object(rngs, _rng_state())
-            if dist.main:
-                logf.flush()
-                state["log_offset"] = logf.tell()
-                _atomic_torch_save({
-                    "version": 1, "config": self.run_config(), "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rngs, "state": dict(state),
-                }, self.ckpt / CKPT_NAME)
-                (self.ckpt / "state.json").write_text(json.dumps(
-                    {"step": state["step"], "total_steps": total, "reason": reason, "time": time.time(),
-                     "config": self.run_config()}, indent=2) + "\n")
-            if dist.active:
-                torch.distributed.barrier()
-
-        def evaluate_val(epoch: int):
-            nonlocal best_weights
-            metrics = evaluate_model(model, val, len(self.labels), self.device, autocast,
-                                     opts.eval_batch_size, f"epoch {epoch} val")
-            if dist.active:  # every rank takes rank 0's figures, so every rank decides alike
-                box = [metrics]
-                torch.distributed.broadcast_object_list(box, src=0)
-                metrics = box[0]
-            better = state["best"] is None or metrics["macro_f1"] > state["best"]
-            if better:
-                state["best"], state["best_step"], state["bad_evals"] = metrics["macro_f1"], state["step"], 0
-                if opts.patience:
-                    best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                    if dist.main:
-                        _atomic_torch_save(best_weights, self.ckpt / BEST_NAME)
-            else:
-                state["bad_evals"] += 1
-            entry = {"epoch": epoch, "step": state["step"], "val_accuracy": metrics["accuracy"],
-                     "val_macro_f1": metrics["macro_f1"], "best": better}
-            state["history"].append(entry)
-            write_log("eval", **entry, time=time.time())
-            log.info("epoch %d: val accuracy %.4f, macro-F1 %.4f%s", epoch, metrics["accuracy"],
-                     metrics["macro_f1"], " (best)" if better else f" (best {state['best']:.4f})")
-            if opts.patience and state["bad_evals"] >= opts.patience:
-                log.info("early stop: no better val macro-F1 for %d epochs; keeping the weights of step %d",
-                         state["bad_evals"], state["best_step"])
-                state["stopped_early"] = True
+    def _loop(self, stepper: Stepper, validation: Validation, state: TrainState, plan: Plan,
+              train_log: TrainLog, t_start: float) -> None:
+        """Steps to the end or an early stop, evaluating after each epoch and
+        checkpointing every --save-every steps, on a signal and at the end."""
+        def save(reason: str) -> None:
+            self.checkpoints.save(reason, state, train_log, plan.total, *stepper.parts)
 
         stop = StopRequest()
         order_epoch, order = -1, None
-        flags = torch.zeros(3, dtype=torch.float64, device=self.device)
-        try:
-            with stop.installed(), progress("training", total=total) as bar:
-                bar.advance(state["step"])
-                while state["step"] < total and not state["stopped_early"]:
-                    step = state["step"]
-                    epoch, pos = divmod(step, steps_per_epoch)
-                    if epoch != order_epoch:
-                        order_epoch, order = epoch, epoch_order(opts.seed, epoch, n)
-                    idx = order[pos * global_batch:(pos + 1) * global_batch]
-                    n_step = len(idx)
-                    shard = idx[dist.rank::dist.world]
-                    t0 = time.perf_counter()
-                    loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-                    for i in range(opts.grad_accum):
-                        mb = shard[i * opts.batch_size:(i + 1) * opts.batch_size]
-                        if len(mb) == 0 and not dist.active:
-                            continue
-                        last = i == opts.grad_accum - 1
-                        sync = runner.no_sync() if dist.active and not last else nullcontext()
-                        with sync:
-                            feed, labels = make_batch(train, mb if len(mb) else idx[:1], self.device, accepts_tt)
-                            with autocast():
-                                logits = runner(**feed).logits
-                                t_logits = teacher(**feed).logits if teacher is not None else None
-                            if len(mb):
-                                from mk.core.training.distill import per_example_loss
-                                per = per_example_loss(logits, labels, t_logits, opts.temperature, opts.alpha)
-                                loss = per.sum() * (dist.world / n_step)
-                                loss_sum += per.detach().sum()
-                            else:  # an empty share still joins the gradient all-reduce
-                                loss = logits.sum() * 0.0
-                            (scaler.scale(loss) if scaler is not None else loss).backward()
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    grad_norm = (torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-                                 if opts.max_grad_norm > 0 else torch.zeros((), device=self.device))
-                    flags[0] = loss_sum
-                    flags[1] = 0.0 if torch.isfinite(loss_sum) and (
-                        scaler is not None or torch.isfinite(grad_norm)) else 1.0
-                    flags[2] = 1.0 if stop else 0.0
-                    if dist.active:
-                        torch.distributed.all_reduce(flags)
-                    total_loss, bad, stopping = flags.tolist()
-                    if bad:
-                        raise MkError(self._nonfinite_message(step + 1, total_loss, grad_norm),
-                                      hint=self._nonfinite_hint())
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    current_lr = scheduler.get_last_lr()[0]
-                    scheduler.step()
-                    state["step"] = step + 1
-                    dt = time.perf_counter() - t0
-                    mean_loss = total_loss / n_step
-                    write_log("step", step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4),
-                              loss=round(mean_loss, 6), lr=current_lr, grad_norm=round(float(grad_norm), 5),
-                              samples_per_s=round(n_step / dt, 2), step_s=round(dt, 5),
-                              elapsed_s=round(time.perf_counter() - t_start, 4))
-                    bar.advance(1, info=f"epoch {epoch + 1} loss {mean_loss:.4f} {n_step / dt:,.0f} samples/s")
-                    if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
-                        evaluate_val(epoch + 1)
-                    if stopping or stop:
-                        save_checkpoint("signal")
-                        raise MkError(f"interrupted at step {state['step']} of {total}; checkpoint saved in "
-                                      f"{self.ckpt}", code=INTERRUPTED,
-                                      hint="rerun the same command with --resume to continue")
-                    if state["step"] % opts.save_every == 0 and state["step"] < total:
-                        save_checkpoint("periodic")
-                if not self.checkpoint_is_current(state):
-                    save_checkpoint("trained")  # a failure while writing the output loses no training
-            if opts.patience and best_weights is not None and state["best_step"] != state["step"]:
-                model.load_state_dict(best_weights)
-            if dist.active:
-                self._check_ranks_agree(torch, model, write_log)
-            train_seconds = time.perf_counter() - t_start
-            if not dist.main:
-                if dist.active:
-                    torch.distributed.barrier()
-                return None
-            return self._finish(model, test, autocast, state, total, steps_per_epoch, train_seconds, write_log,
-                                logf)
-        finally:
-            if logf is not None:
-                logf.close()
+        with stop.installed(), progress("training", total=plan.total) as bar:
+            bar.advance(state.step)
+            while state.step < plan.total and not state.stopped_early:
+                epoch, pos = divmod(state.step, plan.steps_per_epoch)
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, epoch_order(self.opts.seed, epoch, plan.examples)
+                r = stepper.step(state.step + 1, order[pos * plan.global_batch:(pos + 1) * plan.global_batch],
+                                 stop)
+                state.step += 1
+                train_log.write("step", step=state.step, epoch=round(state.step / plan.steps_per_epoch, 4),
+                                loss=round(r.loss, 6), lr=r.lr, grad_norm=round(r.grad_norm, 5),
+                                samples_per_s=round(r.examples / r.seconds, 2), step_s=round(r.seconds, 5),
+                                elapsed_s=round(time.perf_counter() - t_start, 4))
+                bar.advance(1, info=f"epoch {epoch + 1} loss {r.loss:.4f} {r.examples / r.seconds:,.0f} samples/s")
+                if state.step % plan.steps_per_epoch == 0 or state.step == plan.total:
+                    validation(stepper.model, stepper.autocast, state, epoch + 1, train_log)
+                if r.stop or stop:
+                    save("signal")
+                    raise MkError(f"interrupted at step {state.step} of {plan.total}; checkpoint saved in "
+                                  f"{self.checkpoints.dir}", code=INTERRUPTED,
+                                  hint="rerun the same command with --resume to continue")
+                if state.step % self.opts.save_every == 0 and state.step < plan.total:
+                    save("periodic")
+            if not self.checkpoints.is_current(state.step):
+                save("trained")  # a failure while writing the output loses no training
 
-    def checkpoint_is_current(self, state) -> bool:
-        """Whether OUT.ckpt already holds the step reached (a resumed, finished run)."""
-        return self._resumed_at == state["step"]
+    # -- the output -----------------------------------------------------------
 
-    def _check_ranks_agree(self, torch, model, write_log) -> None:
-        """Every rank must end with the same weights; a fingerprint of them says so."""
-        with torch.no_grad():
-            mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                                for p in model.parameters()]).flatten()
-        every = [torch.zeros_like(mine) for _ in range(self.dist.world)]
-        torch.distributed.all_gather(every, mine)
-        agree = all(torch.equal(e.cpu(), every[0].cpu()) for e in every)
-        write_log("ranks", world_size=self.dist.world, agree=agree,
-                  fingerprints=[float(e.sum()) for e in every])
-        if not agree:
-            raise MkError(f"the {self.dist.world} processes ended with different weights",
-                          hint="report this; rerun on one process meanwhile")
-
-    def _nonfinite_message(self, step: int, loss: float, grad_norm) -> str:
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(grad_norm)}"
-        where = (f"the last good checkpoint is {self.ckpt / CKPT_NAME}"
-                 if (self.ckpt / CKPT_NAME).is_file() else "no checkpoint was written yet")
-        return f"non-finite {what} at step {step}; training stopped, {where}"
-
-    def _nonfinite_hint(self) -> str:
-        lr = self.opts.learning_rate()
-        return (f"lower the learning rate (--lr {lr / 10:g}), keep clipping on (--max-grad-norm 1)"
-                + (", or use --precision bf16/fp32" if self.precision == "fp16" else "")
-                + "; --resume continues from the checkpoint")
-
-    def _finish(self, model, test, autocast, state, total, steps_per_epoch, train_seconds, write_log, logf):
-        import torch
-
+    def _finish(self, model, test, autocast, state: TrainState, plan: Plan, train_seconds: float,
+                train_log: TrainLog) -> dict:
         opts = self.opts
         save_model = model
         if opts.lora:
@@ -783,25 +720,40 @@ class Trainer:
             m = evaluate_model(save_model, test, len(self.labels), self.device, autocast, opts.eval_batch_size,
                                "test")
             metrics = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "split": "test", "n": m["n"]}
-        if state["history"]:
-            best = max(state["history"], key=lambda h: h["val_macro_f1"]) if opts.patience else state["history"][-1]
+        if state.history:
+            best = max(state.history, key=lambda h: h["val_macro_f1"]) if opts.patience else state.history[-1]
             metrics.update(val_accuracy=best["val_accuracy"], val_macro_f1=best["val_macro_f1"])
-        write_log("test", **{k: v for k, v in metrics.items() if k != "split"}, time=time.time())
-        write_log("end", step=state["step"], seconds=round(train_seconds, 2), stopped_early=state["stopped_early"])
-        logf.flush()
+        train_log.write("test", **{k: v for k, v in metrics.items() if k != "split"}, time=time.time())
+        train_log.write("end", step=state.step, seconds=round(train_seconds, 2), stopped_early=state.stopped_early)
+        train_log.flush()
+        training = self._summary(state, plan, train_seconds)
+        self._write_output(save_model, metrics, training, train_log)
+        self.checkpoints.remove()
+        self.dist.barrier()
+        if metrics.get("accuracy") is not None:
+            log.info("test accuracy %.4f, macro-F1 %.4f (%d examples); %d steps in %.0f s",
+                     metrics["accuracy"], metrics["macro_f1"], metrics["n"], state.step, train_seconds)
+        return {"path": str(self.out), "metrics": metrics, "training": training}
+
+    def _summary(self, state: TrainState, plan: Plan, train_seconds: float) -> dict:
+        """The `training` section of the output's manifest."""
+        opts = self.opts
         training = {
-            "steps": state["step"], "epochs": round(state["step"] / steps_per_epoch, 3),
+            "steps": state.step, "epochs": round(state.step / plan.steps_per_epoch, 3),
             "seconds": round(train_seconds, 1), "lr": opts.learning_rate(), "batch_size": opts.batch_size,
             "grad_accum": opts.grad_accum, "world_size": self.dist.world, "schedule": opts.schedule,
             "warmup": opts.warmup, "weight_decay": opts.weight_decay, "seed": opts.seed,
-            "precision": self.precision, "device": self.device, "stopped_early": state["stopped_early"],
-            "best_step": state["best_step"], "mode": "lora" if opts.lora else "full",
+            "precision": self.precision, "device": self.device, "stopped_early": state.stopped_early,
+            "best_step": state.best_step, "mode": "lora" if opts.lora else "full",
         }
         if opts.lora:
-            training.update(lora_r=opts.lora, lora_alpha=opts.lora_alpha or 2 * opts.lora,
-                            merged=opts.merge)
+            training.update(lora_r=opts.lora, lora_alpha=opts.lora_alpha or 2 * opts.lora, merged=opts.merge)
         if self.teacher_art is not None:
             training.update(temperature=opts.temperature, alpha=opts.alpha)
+        return training
+
+    def _write_output(self, save_model, metrics: dict, training: dict, train_log: TrainLog) -> None:
+        opts = self.opts
         with atomic_output(self.out, self.force) as tmp:
             if opts.lora and not opts.merge:
                 save_model.peft_config["default"].base_model_name_or_path = str(self.base.path.resolve())
@@ -816,7 +768,7 @@ class Trainer:
                     if (src / name).is_file():
                         shutil.copy2(src / name, tmp / name)
                         break
-            shutil.copy2(self.ckpt / LOG_NAME, tmp / LOG_NAME)
+            shutil.copy2(train_log.path, tmp / LOG_NAME)
             extra = {"training": training}
             if self.teacher_art is not None:
                 extra["teacher"] = self.teacher_art.ref(tmp)
@@ -824,13 +776,6 @@ class Trainer:
                 extra["adapter"] = {"type": "lora", "r": opts.lora, "base": self.base.ref(tmp)}
             write_manifest(tmp, kind="model", format="safetensors", task=self.task, labels=self.labels,
                            parent=self.base, dataset=self.dataset, metrics=metrics, **extra)
-        shutil.rmtree(self.ckpt, ignore_errors=True)
-        if self.dist.active:
-            torch.distributed.barrier()
-        if metrics.get("accuracy") is not None:
-            log.info("test accuracy %.4f, macro-F1 %.4f (%d examples); %d steps in %.0f s",
-                     metrics["accuracy"], metrics["macro_f1"], metrics["n"], state["step"], train_seconds)
-        return {"path": str(self.out), "metrics": metrics, "training": training}
 
 
 def tune(data, model, out, opts: TuneOptions, force: bool = False) -> dict | None:

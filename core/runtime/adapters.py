@@ -1,0 +1,39 @@
+"""An unmerged LoRA adapter (`mk tune --no-merge`) as a classifier: its base model,
+its labels, the adapter on top. Loading lives here, beside the runtime that loads
+every model; making and merging adapters is training's (core/training/lora.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mk.core.errors import BadInput
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: Path) -> Path:
+    """Where an unmerged adapter's base model lives (recorded when it was saved)."""
+    cfg = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    base = Path(cfg.get("base_model_name_or_path") or "")
+    if not base.is_absolute():
+        base = (Path(path) / base).resolve()
+    if not (base / "config.json").is_file():
+        raise BadInput(f"{path}: LoRA adapter whose base model {base} is gone",
+                       hint="tune again with the adapter merged (the default)")
+    return base
+
+
+def load_adapter_classifier(path: Path, auto_cls, **kwargs):
+    """An unmerged adapter artifact as a classifier: its base, its labels, the adapter."""
+    from peft import PeftModel
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    base = auto_cls.from_pretrained(str(adapter_base(path)), local_files_only=True, trust_remote_code=False,
+                                    id2label={int(k): v for k, v in cfg["id2label"].items()},
+                                    label2id=cfg["label2id"], **kwargs)
+    return PeftModel.from_pretrained(base, str(path), is_trainable=False)
