@@ -296,85 +296,20 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     Raises BadInput (nothing written) for bad input and GateFailed (artifact kept) when
     accuracy dropped by more than `max_drop` points: with `confidence` on the paired
     answers (`gate_test` "paired", core.gate), or as observed ("point")."""
-    from mk.core.dataset import dataset_for, load_split
-
     settings = settings or QuantSettings(method=method)
     settings.method = method
-    if method not in METHODS:
-        raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    for_cpu = settings_for_this_cpu(settings)
-    if settings.calib_method not in CALIB_METHODS:
-        raise BadInput(f"--calib-method {settings.calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
-    if settings.calib_size < 1:
-        raise BadInput(f"--calib-size {settings.calib_size}: needs at least one row")
-    if max_drop < 0:
-        raise BadInput(f"--max-drop {max_drop}: a drop allowance cannot be negative (points of accuracy)")
-    check_gate_options(confidence, gate_test)
+    for_cpu = _check_options(settings, max_drop, confidence, gate_test)
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
-
     # ---- validate everything before anything is written
-    if art.format == "onnx":
-        check_not_quantized(art, open_onnx_model(art))
-    elif art.format == "safetensors":
-        if art.manifest.get("quantization"):
-            check_not_quantized(art, _empty_graph())
-    else:
-        raise BadInput(f"{art.path}: a {art.format} model cannot be quantized; give the ONNX or safetensors model")
-    needs_data = gate or method == "static"
-    ds = None
-    if needs_data:
-        try:
-            ds = dataset_for(art, data)
-        except BadInput as e:
-            if method == "static":
-                raise BadInput(f"{e.message}; static quantization calibrates on it",
-                               hint="pass --data DATASET (made by `mk prep`)") from None
-            raise BadInput(f"{e.message}; the accuracy gate evaluates on its test split",
-                           hint="pass --data DATASET, or --no-gate to skip the check") from None
-        if art.task == "text-classification":
-            check_same_tokenizer(ds, art.path)
-        test = load_split(ds, "test") if gate else None
-        if test is not None and ds.labels and art.labels and len(ds.labels) != len(art.labels):
-            raise BadInput(f"{ds.path}: {len(ds.labels)} labels, the model has {len(art.labels)}")
-
+    _check_quantizable(art)
+    ds, test = _dataset(art, data, method, gate)
     parent, exported = _prepare_parent(art, out, ds.path if ds else data, force, trust_pickle)
-    parent_model = open_onnx_model(parent)
-    input_names = check_inputs(parent_model, parent.path / "model.onnx")
-    if method != "fp16" and settings.op_types and not settings.fuse:
-        present = {n.op_type for n in parent_model.graph.node}
-        if not present & set(settings.op_types):
-            raise BadInput(f"--op-types {','.join(settings.op_types)}: no such operator in {parent.path}/model.onnx, "
-                           "so nothing would be quantized",
-                           hint=f"its graph has {', '.join(sorted(present & {'MatMul', 'Gemm', 'Gather', 'Conv', 'Attention'}) or sorted(present)[:8])}")
-        for op in sorted(set(settings.op_types) - present):
-            log.warning("--op-types %s: no such operator in %s/model.onnx", op, parent.path)
-    del parent_model
-    config = parent.config()
-    calibration = None
-    if method == "static":
-        split = next(s for s in ("train", "val", "test") if (ds.path / f"{s}.safetensors").is_file())
-        calibration = DatasetCalibrationReader(load_split(ds, split, limit=settings.calib_size), input_names,
-                                               settings.calib_size, settings.calib_batch_size)
-        if calibration.rows < settings.calib_size:
-            log.warning("--calib-size %d: the %s split holds %d rows; calibrating on those",
-                        settings.calib_size, split, calibration.rows)
-        settings.calib_size = calibration.rows
+    input_names = _check_op_types(parent, settings)
+    calibration = _calibration(ds, input_names, settings) if method == "static" else None
 
     with atomic_output(out, force) as tmp:
-        work = tmp / ".work"
-        work.mkdir()
-        qdir = tmp / ".quant"
-        qdir.mkdir()
-        done = quantize_file(parent.path / "model.onnx", qdir / "model.onnx", settings, config, calibration, work)
-        for p in qdir.iterdir():
-            p.rename(tmp / p.name)
-        qdir.rmdir()
-        import shutil
-
-        shutil.rmtree(work)
-        copy_tokenizer_files(parent.path, tmp)
-        load_onnx(tmp / "model.onnx", load_external_data=False)
+        done = _write_quantized(tmp, parent, settings, calibration)
         size_before, size_after = onnx_bytes(parent.path), onnx_bytes(tmp)
         record = {**{k: v for k, v in asdict(settings).items()
                      if method == "static" or not k.startswith("calib")}, **done,
@@ -396,20 +331,121 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     log.info("quantized %s (%s): %s → %s (%.0f%%)", out, method, human_bytes(size_before), human_bytes(size_after),
              100 * size_after / max(size_before, 1))
     if gate:
-        from mk.core.gate import describe
-
-        log.info("%s", describe(verdict))
-        if verdict.warning:
-            log.warning("%s", verdict.warning)
-        if verdict.failed:
-            how = (f"all of its {confidence:.0%} interval [{verdict.interval_points[0]:.2f}, "
-                   f"{verdict.interval_points[1]:.2f}] is" if gate_test == "paired" else "that is")
-            raise GateFailed(f"{out}: accuracy dropped {verdict.drop_points:.2f} points "
-                             f"({100 * verdict.parent_accuracy:.2f}% → {100 * verdict.accuracy:.2f}%); {how} "
-                             f"more than --max-drop {max_drop:g}", path=out, result=result,
-                             hint="the artifact was kept for inspection (mk.json: metrics.gate); try "
-                                  + _other_settings(settings))
+        _enforce(verdict, out, result, settings, max_drop, confidence, gate_test)
     return result
+
+
+def _check_options(settings: QuantSettings, max_drop: float, confidence: float, gate_test: str) -> dict:
+    """Every option checked before anything is read; the settings chosen for this CPU."""
+    if settings.method not in METHODS:
+        raise BadInput(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
+    for_cpu = settings_for_this_cpu(settings)
+    if settings.calib_method not in CALIB_METHODS:
+        raise BadInput(f"--calib-method {settings.calib_method!r}: expected one of {', '.join(CALIB_METHODS)}")
+    if settings.calib_size < 1:
+        raise BadInput(f"--calib-size {settings.calib_size}: needs at least one row")
+    if max_drop < 0:
+        raise BadInput(f"--max-drop {max_drop}: a drop allowance cannot be negative (points of accuracy)")
+    check_gate_options(confidence, gate_test)
+    return for_cpu
+
+
+def _check_quantizable(art: Artifact) -> None:
+    if art.format == "onnx":
+        check_not_quantized(art, open_onnx_model(art))
+    elif art.format == "safetensors":
+        if art.manifest.get("quantization"):
+            check_not_quantized(art, _empty_graph())
+    else:
+        raise BadInput(f"{art.path}: a {art.format} model cannot be quantized; give the ONNX or safetensors model")
+
+
+def _dataset(art: Artifact, data, method: str, gate: bool):
+    """The dataset to calibrate and gate on (None when neither is asked for), and its
+    test split when the gate needs it."""
+    from mk.core.dataset import dataset_for, load_split
+
+    if not (gate or method == "static"):
+        return None, None
+    try:
+        ds = dataset_for(art, data)
+    except BadInput as e:
+        if method == "static":
+            raise BadInput(f"{e.message}; static quantization calibrates on it",
+                           hint="pass --data DATASET (made by `mk prep`)") from None
+        raise BadInput(f"{e.message}; the accuracy gate evaluates on its test split",
+                       hint="pass --data DATASET, or --no-gate to skip the check") from None
+    if art.task == "text-classification":
+        check_same_tokenizer(ds, art.path)
+    test = load_split(ds, "test") if gate else None
+    if test is not None and ds.labels and art.labels and len(ds.labels) != len(art.labels):
+        raise BadInput(f"{ds.path}: {len(ds.labels)} labels, the model has {len(art.labels)}")
+    return ds, test
+
+
+def _check_op_types(parent: Artifact, settings: QuantSettings) -> list[str]:
+    """The parent graph's inputs; --op-types that match nothing in it are refused."""
+    parent_model = open_onnx_model(parent)
+    input_names = check_inputs(parent_model, parent.path / "model.onnx")
+    if settings.method != "fp16" and settings.op_types and not settings.fuse:
+        present = {n.op_type for n in parent_model.graph.node}
+        if not present & set(settings.op_types):
+            raise BadInput(f"--op-types {','.join(settings.op_types)}: no such operator in {parent.path}/model.onnx, "
+                           "so nothing would be quantized",
+                           hint=f"its graph has {', '.join(sorted(present & {'MatMul', 'Gemm', 'Gather', 'Conv', 'Attention'}) or sorted(present)[:8])}")
+        for op in sorted(set(settings.op_types) - present):
+            log.warning("--op-types %s: no such operator in %s/model.onnx", op, parent.path)
+    return input_names
+
+
+def _calibration(ds: Artifact, input_names: list[str], settings: QuantSettings) -> DatasetCalibrationReader:
+    """The calibration rows of static quantization, capped at what the split holds (said)."""
+    from mk.core.dataset import load_split
+
+    split = next(s for s in ("train", "val", "test") if (ds.path / f"{s}.safetensors").is_file())
+    calibration = DatasetCalibrationReader(load_split(ds, split, limit=settings.calib_size), input_names,
+                                           settings.calib_size, settings.calib_batch_size)
+    if calibration.rows < settings.calib_size:
+        log.warning("--calib-size %d: the %s split holds %d rows; calibrating on those",
+                    settings.calib_size, split, calibration.rows)
+    settings.calib_size = calibration.rows
+    return calibration
+
+
+def _write_quantized(tmp: Path, parent: Artifact, settings: QuantSettings, calibration) -> dict:
+    """The quantized model.onnx and the tokenizer files in `tmp`; what was done."""
+    import shutil
+
+    work, qdir = tmp / ".work", tmp / ".quant"
+    work.mkdir()
+    qdir.mkdir()
+    done = quantize_file(parent.path / "model.onnx", qdir / "model.onnx", settings, parent.config(), calibration,
+                         work)
+    for p in qdir.iterdir():
+        p.rename(tmp / p.name)
+    qdir.rmdir()
+    shutil.rmtree(work)
+    copy_tokenizer_files(parent.path, tmp)
+    load_onnx(tmp / "model.onnx", load_external_data=False)
+    return done
+
+
+def _enforce(verdict, out: Path, result: dict, settings: QuantSettings, max_drop: float, confidence: float,
+             gate_test: str) -> None:
+    """The gate's line on stderr; GateFailed (exit 3, artifact kept) when it failed."""
+    from mk.core.gate import describe
+
+    log.info("%s", describe(verdict))
+    if verdict.warning:
+        log.warning("%s", verdict.warning)
+    if verdict.failed:
+        how = (f"all of its {confidence:.0%} interval [{verdict.interval_points[0]:.2f}, "
+               f"{verdict.interval_points[1]:.2f}] is" if gate_test == "paired" else "that is")
+        raise GateFailed(f"{out}: accuracy dropped {verdict.drop_points:.2f} points "
+                         f"({100 * verdict.parent_accuracy:.2f}% → {100 * verdict.accuracy:.2f}%); {how} "
+                         f"more than --max-drop {max_drop:g}", path=out, result=result,
+                         hint="the artifact was kept for inspection (mk.json: metrics.gate); try "
+                              + _other_settings(settings))
 
 
 def check_gate_options(confidence: float, gate_test: str) -> None:
