@@ -319,24 +319,7 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
     # The splits given by --val/--test or a split column stay given, even when cleaning empties them.
     given = {int(s) for s in np.unique(frame["_split"].to_numpy()) if s > 0}
     given |= {SPLITS.index(s) for s, ref in (("val", opts.val), ("test", opts.test)) if ref}
-    # Duplicates: the first copy wins, in the order train (and rows still to be split), val, test.
-    group = np.asarray(frame["_split"].to_numpy(), np.int8)
-    group = np.where(group == POOL, 0, group)
-    order = np.lexsort((np.arange(len(group)), group))
-    keys = frame["_key"].to_numpy()[order]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    keep_sorted = np.zeros(len(keys), bool)
-    keep_sorted[first] = True
-    first_of = first[inverse.ravel()]  # for each row (sorted order) the index of its first copy
-    dup = ~keep_sorted
-    labels_sorted = frame["_label"].to_numpy()[order]
-    cross = dup & (group[order] != group[order][first_of])
-    same_label = labels_sorted == labels_sorted[first_of]
-    counts["duplicates"] = int(np.sum(dup & ~cross & same_label))
-    counts["conflicting_duplicates"] = int(np.sum(dup & ~cross & ~same_label))
-    counts["cross_split_duplicates"] = int(np.sum(cross))
-    kept = np.sort(order[keep_sorted])
-    frame = frame[kept]
+    frame = _dedupe(frame, counts)
     # Labels: the classes of the training rows, sorted (numbers numerically), in id order.
     split = frame["_split"].to_numpy().astype(np.int8)
     train_labels = frame.filter(pl.col("_split") <= 0)["_label"].unique().to_list()
@@ -396,6 +379,29 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
         pos[members] = rng.permutation(len(members))
     counts["rows_kept"] = int(len(split))
     return Plan(names=[str(n) for n in names], src=src, row=row, label=label, split=split, pos=pos, cleaning=counts)
+
+
+def _dedupe(frame, counts: dict):
+    """Drop repeated texts, counting them: the first copy wins, in the order train
+    (and rows still to be split), val, test; a copy in a later split than its first
+    is a cross-split duplicate (it would inflate test accuracy)."""
+    group = np.asarray(frame["_split"].to_numpy(), np.int8)
+    group = np.where(group == POOL, 0, group)
+    order = np.lexsort((np.arange(len(group)), group))
+    keys = frame["_key"].to_numpy()[order]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    keep_sorted = np.zeros(len(keys), bool)
+    keep_sorted[first] = True
+    first_of = first[inverse.ravel()]  # for each row (sorted order) the index of its first copy
+    dup = ~keep_sorted
+    labels_sorted = frame["_label"].to_numpy()[order]
+    cross = dup & (group[order] != group[order][first_of])
+    same_label = labels_sorted == labels_sorted[first_of]
+    counts["duplicates"] = int(np.sum(dup & ~cross & same_label))
+    counts["conflicting_duplicates"] = int(np.sum(dup & ~cross & ~same_label))
+    counts["cross_split_duplicates"] = int(np.sum(cross))
+    kept = np.sort(order[keep_sorted])
+    return frame[kept]
 
 
 def allocate(n: int, fractions) -> list[int]:
