@@ -13,7 +13,7 @@ OptionalOutput = Annotated[Optional[Path], typer.Option("-o", "--output", help="
 Data = Annotated[Optional[Path], typer.Option(
     "--data", help="Dataset artifact (from `mk prep`); defaults to the one in the input's lineage.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice; same seed, same result.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2 ** 32 - 1, help="Seed for every random choice; same seed, same result.")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="CPU threads for torch and ONNX Runtime (reported).  [default: physical cores]")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per batch.")]
@@ -35,6 +35,11 @@ Confidence = Annotated[float, typer.Option(
 GateTest = Annotated[str, typer.Option(
     "--gate-test", help="paired: fail when the drop's --confidence interval lies wholly above --max-drop "
                         "(McNemar-style, knows the sample size); point: fail when the observed drop is above it.")]
+
+
+def comma_list(text: str) -> list[str]:
+    """`MatMul, Gather` → ["MatMul", "Gather"]: how every comma-separated option reads."""
+    return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
 def input_argument(help: str):

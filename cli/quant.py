@@ -43,7 +43,8 @@ def quant(
     ] = "MatMul,Gather",
     gate: Annotated[bool, typer.Option(
         "--gate/--no-gate", help="Evaluate parent and result on the test split (needs a dataset).")] = True,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for evaluation.")] = None,
+    device: options.Device = "cpu",
+    threads: options.Threads = None,
     batch_size: options.BatchSize = 32,
     force: options.Force = False,
     trust_pickle: options.TrustPickle = False,
@@ -56,14 +57,15 @@ def quant(
     into mk.json, and a drop larger than --max-drop points with --confidence exits 3
     with the artifact kept. The defaults are the fastest setting measured that keeps
     accuracy (README, "Quantization"); per-channel and reduce-range are chosen for
-    this CPU's int8 arithmetic unless given.
+    this CPU's int8 arithmetic unless given. The gate evaluates on --device (an
+    fp16 model on the GPU it is meant for, with ONNX Runtime's CUDA provider).
     """
     from mk.core.compression.quantize import QuantSettings, quantize
 
     settings = QuantSettings(method=method, per_channel=per_channel, reduce_range=reduce_range, fuse=fuse,
-                             op_types=[o.strip() for o in op_types.split(",") if o.strip()],
+                             op_types=options.comma_list(op_types),
                              calib_size=calib_size, calib_method=calib_method)
     result = quantize(read_input(model, "model"), output, method=method, data=data, max_drop=max_drop,
                       settings=settings, gate=gate, threads=threads, batch_size=batch_size, force=force,
-                      trust_pickle=trust_pickle, confidence=confidence, gate_test=gate_test)
+                      trust_pickle=trust_pickle, confidence=confidence, gate_test=gate_test, device=device)
     show(Path(result["path"]), result, as_json)

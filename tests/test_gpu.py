@@ -122,3 +122,14 @@ def test_export_onnx_verifies_on_the_gpu(tiny_model, tiny_dataset, tmp_path):
                "-o", str(tmp_path / "onnx"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["verification"]["max_abs_diff"] < 1e-2
+
+
+def test_quant_fp16_gate_evaluates_on_the_gpu(tiny_model, tiny_dataset, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    r = run_mk("quant", str(tiny_model), "--data", str(tiny_dataset), "--method", "fp16", "--device", "cuda",
+               "--json", "-o", str(tmp_path / "fp16"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"]["evaluated_on"].startswith("cuda")

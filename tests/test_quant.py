@@ -370,3 +370,13 @@ def test_bad_gate_options_are_refused(tmp_path, onnx_parent, tiny_dataset):
     for args, needle in ((["--confidence", "1.5"], "--confidence 1.5"), (["--confidence", "0.2"], "--confidence 0.2"),
                          (["--gate-test", "exact"], "--gate-test 'exact'")):
         _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), *args), out, needle)
+
+
+def test_a_device_that_cannot_evaluate_is_refused_before_quantizing(tmp_path, onnx_parent, tiny_dataset):
+    import torch
+
+    out = tmp_path / "out"
+    _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--device", "tpu"), out, "--device 'tpu'")
+    if not torch.cuda.is_available():
+        _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--device", "cuda"), out,
+                 "--device cuda: no CUDA GPU is visible to torch")

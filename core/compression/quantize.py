@@ -290,8 +290,10 @@ def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: b
 def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, data: str | Path | None = None,
              max_drop: float = 1.0, settings: QuantSettings | None = None, gate: bool = True,
              threads: int | None = None, batch_size: int = 32, force: bool = False,
-             trust_pickle: bool = False, confidence: float = 0.95, gate_test: str = "paired") -> dict:
-    """Quantize a model artifact into `out`; evaluate parent and result; return a result dict.
+             trust_pickle: bool = False, confidence: float = 0.95, gate_test: str = "paired",
+             device: str = "cpu") -> dict:
+    """Quantize a model artifact into `out`; evaluate parent and result on `device`;
+    return a result dict.
 
     Raises BadInput (nothing written) for bad input and GateFailed (artifact kept) when
     accuracy dropped by more than `max_drop` points: with `confidence` on the paired
@@ -299,6 +301,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     settings = settings or QuantSettings(method=method)
     settings.method = method
     for_cpu = _check_options(settings, max_drop, confidence, gate_test)
+    device = _evaluation_device(device) if gate else "cpu"
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
     # ---- validate everything before anything is written
@@ -319,8 +322,8 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
         metrics = {"size_bytes": size_after, "parent_size_bytes": size_before}
         if gate:
             quant_art = Artifact(tmp, {"kind": "model", "format": "onnx", "task": art.task, "labels": art.labels})
-            verdict = _judge(parent, quant_art, test, len(art.labels) or len(ds.labels), threads, batch_size,
-                             max_drop, confidence, gate_test, metrics)
+            verdict = _judge(parent, quant_art, test, len(art.labels) or len(ds.labels), (device, threads),
+                             batch_size, max_drop, confidence, gate_test, metrics)
         write_manifest(tmp, kind="model", format="onnx", task=art.task, labels=art.labels, parent=parent,
                        dataset=ds, metrics=metrics, quantization=record,
                        size={"parent_bytes": size_before, "bytes": size_after})
@@ -348,6 +351,17 @@ def _check_options(settings: QuantSettings, max_drop: float, confidence: float, 
         raise BadInput(f"--max-drop {max_drop}: a drop allowance cannot be negative (points of accuracy)")
     check_gate_options(confidence, gate_test)
     return for_cpu
+
+
+def _evaluation_device(device: str) -> str:
+    """`--device` resolved, and its ONNX Runtime provider present, before any work: the
+    gate evaluates where the model will run (an fp16 model on the GPU, say)."""
+    from mk.core.device import resolve_device
+    from mk.core.runtime.onnx_runtime import providers_for
+
+    device = resolve_device(device)
+    providers_for(device)
+    return device
 
 
 def _check_quantizable(art: Artifact) -> None:
@@ -458,23 +472,24 @@ def check_gate_options(confidence: float, gate_test: str) -> None:
                        hint="0.95 is usual")
 
 
-def _judge(parent: Artifact, child: Artifact, test: dict, n_labels: int, threads, batch_size: int,
+def _judge(parent: Artifact, child: Artifact, test: dict, n_labels: int, where: tuple, batch_size: int,
            max_drop: float, confidence: float, gate_test: str, metrics: dict):
-    """Evaluate parent and child on the test split; fill `metrics`; return the gate's verdict."""
+    """Evaluate parent and child on the test split, on `where` = (device, threads); fill
+    `metrics`; return the gate's verdict."""
     from mk.core.evaluation import classification_metrics, predict
     from mk.core.gate import judge
     from mk.core.runtime import load_runtime
 
     answers, scores = [], []
     for art, what in ((parent, "evaluating the parent"), (child, "evaluating the quantized model")):
-        preds = predict(load_runtime(art, "cpu", threads), test, batch_size, what).argmax(-1)
+        preds = predict(load_runtime(art, *where), test, batch_size, what).argmax(-1)
         answers.append(preds == test["labels"])
         scores.append(classification_metrics(preds, test["labels"], n_labels))
     before, after = scores
     verdict = judge(answers[0], answers[1], max_drop, confidence, gate_test)
     metrics.update(accuracy=after["accuracy"], macro_f1=after["macro_f1"], parent_accuracy=before["accuracy"],
                    parent_macro_f1=before["macro_f1"], accuracy_drop_points=verdict.drop_points,
-                   test_rows=after["n"], max_drop_points=max_drop, gate=verdict.record())
+                   test_rows=after["n"], max_drop_points=max_drop, gate=verdict.record(), evaluated_on=where[0])
     return verdict
 
 
