@@ -33,9 +33,11 @@ def demo_steps(sample: int, epochs: float, seed: int, threads: int | None) -> li
         ("prep", ["prep", "tweets", "--sample", str(sample), "--seed", str(seed), "-o", "data"]),
         ("tune", ["tune", "data", "--model", "minilm", "--epochs", str(epochs), "--seed", str(seed),
                   "-o", "tuned"]),
-        ("export-onnx", ["export-onnx", "tuned", "-o", "onnx"]),
-        ("quant", ["quant", "onnx", "-o", "int8"]),
-        ("bench", ["bench", "tuned", "onnx", "int8", "--batch-sizes", "1,32", *bench_threads,
+        ("prune", ["prune", "tuned", "-o", "pruned"]),
+        ("distil", ["tune", "data", "--model", "pruned", "--teacher", "tuned", "--epochs", str(epochs),
+                    "--seed", str(seed), "-o", "distilled"]),
+        ("quant", ["quant", "distilled", "-o", "int8"]),
+        ("bench", ["bench", "tuned", "distilled", "int8", "--batch-sizes", "1,32", *bench_threads,
                    "-o", "bench.json", "--plot", "bench.png"]),
     ]
 
