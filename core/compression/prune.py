@@ -218,6 +218,8 @@ class Planner:
         i = min(scores, key=scores.get)
         plan.drop.append(i)
         plan.steps.append({"remove": "layer", "layer": i, "score": round(scores[i], 6)})
+        log.info("removing layer %d (%s %.4f)", i, "calibration loss without it" if self.taylor else "weight norm",
+                 scores[i])
 
     def search(self, cost, target: float) -> Plan:
         """Remove, step by step, what costs the least calibration loss per unit of
@@ -245,6 +247,8 @@ class Planner:
                 plan.fraction = wider
                 plan.steps.append({"remove": "ffn", "fraction": wider,
                                    **({"loss": round(current, 6)} if self.taylor else {})})
+                log.info("removing %.0f%% of the FFN neurons%s", 100 * wider,
+                         f" (calibration loss {current:.4f})" if self.taylor else "")
         return plan
 
 
