@@ -97,16 +97,8 @@ def cpu() -> tuple[str, str]:
     return model, flags
 
 
-def table(report: dict, work: Path) -> str:
+def table(report: dict) -> str:
     arts = {a["name"]: a for a in report["artifacts"]}
-    flops = {}
-    for name in arts:
-        m = json.loads((work / name / "mk.json").read_text())
-        chain = m
-        while "flops_per_sequence" not in chain.get("metrics", {}) and chain.get("parent"):
-            chain = json.loads((work / name / chain["parent"]["path"] / "mk.json").read_text()) \
-                if (work / name / chain["parent"]["path"] / "mk.json").is_file() else {}
-        flops[name] = chain.get("metrics", {}).get("flops_per_sequence")
     base_acc = arts["tuned"]["accuracy"]
     lines = ["| model | shape | seq/s | × tuned fp32 | test accuracy | Δ points | params |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -134,7 +126,7 @@ def main() -> None:
     print(f"\nCPU: {model} ({flags}); {report['settings']['threads']} threads; "
           f"load average before/after: {env.get('load_average')}")
     print(f"source: {a.source} (sample {a.sample}); prune: `mk prune tuned {a.prune}`".rstrip())
-    print(table(report, a.work))
+    print(table(report))
     for w in report.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
 
