@@ -22,11 +22,12 @@ def demo(
     force: options.Force = False,
     as_json: options.Json = False,
 ):
-    """Run prep → tune → export-onnx → quant → bench on the embedded MiniLM and tweets.
+    """Run prep → tune → prune → distil → quant → bench on the embedded MiniLM and tweets.
 
     Each step is the real `mk` command, shown before it runs; the artifacts land in
-    OUTPUT (data/, tuned/, onnx/, int8/, bench.json, bench.png) and the last step
-    prints the benchmark table. Takes a few minutes on a laptop CPU.
+    OUTPUT (data/, tuned/, pruned/, distilled/ (the pruned model distilled from the
+    tuned one), int8-onnx/, int8/, bench.json, bench.png) and the last step prints the
+    benchmark table of tuned, distilled and int8. Takes a few minutes on a laptop CPU.
     """
     from mk.core.demo import run_demo
 

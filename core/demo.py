@@ -31,11 +31,22 @@ def demo_steps(sample: int, epochs: float, seed: int, threads: int | None) -> li
         ("prep", ["prep", "tweets", "--sample", str(sample), "--seed", str(seed), "-o", "data"]),
         ("tune", ["tune", "data", "--model", "minilm", "--epochs", str(epochs), "--seed", str(seed),
                   "-o", "tuned"]),
-        ("export-onnx", ["export-onnx", "tuned", "-o", "onnx"]),
-        ("quant", ["quant", "onnx", "-o", "int8"]),
-        ("bench", ["bench", "tuned", "onnx", "int8", "--batch-sizes", "1,32", *bench_threads,
+        ("prune", ["prune", "tuned", "-o", "pruned"]),
+        ("distil", ["tune", "data", "--model", "pruned", "--teacher", "tuned", "--epochs", str(epochs),
+                    "--seed", str(seed), "-o", "distilled"]),
+        ("quant", ["quant", "distilled", "-o", "int8"]),
+        ("bench", ["bench", "tuned", "distilled", "int8", "--batch-sizes", "1,32", *bench_threads,
                    "-o", "bench.json", "--plot", "bench.png"]),
     ]
+
+
+def _demo_artifacts() -> set[str]:
+    """The artifact folders the chain writes: each step's -o (bench's are files), and
+    the ONNX export `mk quant` makes beside its output from a safetensors input."""
+    from mk.core.compression.quantize import EXPORT_SUFFIX
+
+    outs = {args[args.index("-o") + 1]: name for name, args in demo_steps(100, 1, 0, None) if name != "bench"}
+    return set(outs) | {out + EXPORT_SUFFIX for out, name in outs.items() if name == "quant"}
 
 
 def demo_blocker(path: Path) -> str | None:
@@ -45,7 +56,7 @@ def demo_blocker(path: Path) -> str | None:
     if (why := artifact_blocker(path)) is None or describe(path) != "a folder":
         return why
     for entry in sorted(path.iterdir()):
-        if entry.name in ("data", "tuned", "onnx", "int8") and artifact_blocker(entry) is None:
+        if entry.name in _demo_artifacts() and artifact_blocker(entry) is None:
             continue
         if entry.name == "bench.json" and is_bench_result(entry) is None:
             continue

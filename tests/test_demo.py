@@ -17,17 +17,21 @@ def test_demo_runs_the_whole_chain_and_ends_with_the_bench_table(tmp_path):
     r = run_mk("demo", "-o", str(out), "--epochs", "1", "--threads", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == str(out)
-    for step in ("$ mk prep tweets", "$ mk tune data", "$ mk export-onnx tuned", "$ mk quant onnx", "$ mk bench"):
+    for step in ("$ mk prep tweets", "$ mk tune data --model minilm", "$ mk prune tuned",
+                 "$ mk tune data --model pruned --teacher tuned", "$ mk quant distilled", "$ mk bench"):
         assert step in r.stderr
     assert "mk bench: latency and throughput" in r.stderr
 
     report = json.loads((out / "bench.json").read_text())
-    assert [a["name"] for a in report["artifacts"]] == ["tuned", "onnx", "int8"]
+    assert [a["name"] for a in report["artifacts"]] == ["tuned", "distilled", "int8"]
     assert all(a["accuracy"] > 0.5 for a in report["artifacts"])  # three classes: chance is 1/3
+    tuned, distilled = report["artifacts"][:2]
+    assert distilled["parameters"] < tuned["parameters"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     lineage = json.loads(run_mk("info", str(out / "int8"), "--lineage", "--json", check=True).stdout)
-    assert [step["path"].rsplit("/", 1)[-1] for step in lineage["lineage"]][:3] == ["int8", "onnx", "tuned"]
+    assert ([step["path"].rsplit("/", 1)[-1] for step in lineage["lineage"]][:5]
+            == ["int8", "int8-onnx", "distilled", "pruned", "tuned"])
     assert not list(tmp_path.glob(".demo.tmp-*"))
 
 

@@ -1,1 +1,2 @@
-"""Compression: ONNX export (`mk export-onnx`) and quantization (`mk quant`)."""
+"""Compression: ONNX export (`mk export-onnx`), quantization (`mk quant`) and structured
+pruning (`mk prune`)."""
