@@ -7,7 +7,7 @@ stays fast (a test checks it).
 
 from __future__ import annotations
 
-from mk.cli import bench, demo, export_onnx, info, prep, quant, serve, tune  # noqa: F401  (registers commands)
+from mk.cli import bench, demo, doctor, export_onnx, export_trt, info, prep, quant, serve, tune  # noqa: F401  (registers commands)
 from mk.cli.app import app
 
 
