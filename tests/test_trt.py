@@ -5,9 +5,6 @@ recorded manifest, and every error path that needs no TensorRT."""
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-
 import numpy as np
 import pytest
 
@@ -130,12 +127,12 @@ def test_shape_outside_the_recorded_profile():
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the message where TensorRT is absent")
-def test_loading_an_engine_without_tensorrt_is_exit_2(tmp_path, tiny_dataset):
-    engine = _engine_artifact(tmp_path)
-    r = run_mk("bench", str(engine), "--data", str(tiny_dataset), "--batch-sizes", "1", "--seq-lens", "8")
-    assert r.returncode == 2, r.stderr
-    assert "TensorRT is not installed" in r.stderr and "mk[gpu]" in r.stderr and "pypi.nvidia.com" in r.stderr
-    assert "Traceback" not in r.stderr and r.stdout == ""
+def test_loading_an_engine_without_tensorrt_is_bad_input(tmp_path):
+    from mk.core.runtime import load_runtime
+
+    with pytest.raises(BadInput, match="TensorRT is not installed") as e:
+        load_runtime(_engine_artifact(tmp_path), device="cuda")
+    assert "mk[gpu]" in e.value.hint and "pypi.nvidia.com" in e.value.hint
 
 
 # --------------------------------------------------------------------------- Triton configs, parsed by Triton's protobuf
@@ -166,7 +163,8 @@ def test_export_onnx_writes_a_triton_repository(tiny_model, tiny_dataset, tmp_pa
     pytest.importorskip("tritonclient.grpc")
     import onnxruntime as ort
 
-    from mk.core.compression.triton import parse_config
+    from mk.core.artifact import open_artifact
+    from mk.core.compression.triton import check_repo, parse_config, write_onnx_repo
 
     repo = tmp_path / "repo"
     r = run_mk("export-onnx", str(tiny_model), "--data", str(tiny_dataset), "-o", str(tmp_path / "onnx"),
@@ -184,11 +182,10 @@ def test_export_onnx_writes_a_triton_repository(tiny_model, tiny_dataset, tmp_pa
     assert [list(i.dims) for i in cfg.input] == [[-1]] * len(graph_inputs)  # batch axis left to Triton
     assert sorted(p.name for p in (repo / "tweets").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     # again: refused without --force, replaced with it (it is a repository mk wrote)
-    again = ["export-onnx", str(tiny_model), "--data", str(tiny_dataset), "-o", str(tmp_path / "onnx2"),
-             "--triton-repo", str(repo), "--triton-name", "tweets"]
-    r = run_mk(*again)
-    assert r.returncode == 2 and "already exists" in r.stderr and not (tmp_path / "onnx2").exists()
-    assert run_mk(*again, "--force").returncode == 0
+    with pytest.raises(BadInput, match="already exists"):
+        check_repo(repo, force=False)
+    write_onnx_repo(open_artifact(tmp_path / "onnx"), {"repo": repo, "name": "tweets"}, force=True)
+    assert parse_config((repo / "tweets" / "config.pbtxt").read_text()).max_batch_size == 32
 
 
 def test_triton_repo_refuses_a_folder_mk_did_not_write(tiny_model, tmp_path):
@@ -250,14 +247,17 @@ def test_export_trt_refuses_an_engine_and_a_missing_dataset(tmp_path, tiny_model
 def test_int8_needs_symmetric_signed_qdq(tiny_model, tiny_dataset, tmp_path):
     """mk quant --method static makes uint8 activations (ONNX Runtime's CPU kernels);
     TensorRT quantizes to signed int8 with zero point 0: refused with both named."""
+    from mk.core.compression.quantize import QuantSettings, quantize
+    from mk.core.compression.tensorrt import export_trt
+
     int8 = tmp_path / "int8"
-    run_mk("quant", str(tiny_model), "--method", "static", "--data", str(tiny_dataset), "--calib-size", "16",
-           "--no-gate", "-o", str(int8), check=True)
-    r = run_mk("export-trt", str(int8), "--int8", "-o", str(tmp_path / "trt"))
-    assert r.returncode == 2, r.stderr
-    assert "TensorRT cannot build int8 from it" in r.stderr and "uint8" in r.stderr
-    r = run_mk("export-trt", str(tmp_path / "int8-onnx"), "--int8", "-o", str(tmp_path / "trt"))
-    assert r.returncode == 2 and "no QuantizeLinear/DequantizeLinear nodes" in r.stderr
+    quantize(tiny_model, int8, method="static", data=tiny_dataset, gate=False,
+             settings=QuantSettings(method="static", calib_size=16))
+    with pytest.raises(BadInput, match="TensorRT cannot build int8 from it: .*uint8"):
+        export_trt(int8, tmp_path / "trt", precision="int8")
+    with pytest.raises(BadInput, match="no QuantizeLinear/DequantizeLinear nodes"):
+        export_trt(tmp_path / "int8-onnx", tmp_path / "trt", precision="int8")
+    assert not (tmp_path / "trt").exists()
 
 
 def test_qdq_check_accepts_symmetric_int8():
@@ -280,32 +280,36 @@ def test_qdq_check_accepts_symmetric_int8():
 # --------------------------------------------------------------------------- mk doctor
 
 
-def test_doctor_json_on_this_machine():
-    r = run_mk("doctor", "--json")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
-    assert report["cpu"]["cores"] >= 1 and isinstance(report["cpu"]["flags"], list)
+def test_doctor_on_this_machine(capsys):
+    """One real run: the JSON report, and --require's exit code and line."""
     import onnxruntime
     import torch
 
+    r = run_mk("doctor", "--json", "--require", "torch,cuda,tensorrt")
+    report = json.loads(r.stdout)
+    assert report["cpu"]["cores"] >= 1 and isinstance(report["cpu"]["flags"], list)
     assert report["libraries"]["torch"]["version"] == torch.__version__
     assert report["libraries"]["onnxruntime"]["version"] == onnxruntime.__version__
     assert report["have"]["cuda"] == torch.cuda.is_available()
     assert report["have"]["tensorrt"] == HAS_TENSORRT
+    assert report["works"]["mk export-onnx, mk quant"] is True
+    lacking = [n for n, ok in (("cuda", torch.cuda.is_available()), ("tensorrt", HAS_TENSORRT)) if not ok]
+    assert report["required_missing"] == lacking
+    if lacking:
+        assert r.returncode == 1 and f"error: missing: {', '.join(lacking)}" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
     if not HAS_TENSORRT:
         assert "pypi.nvidia.com" in report["missing"]["tensorrt"]
         assert report["works"]["mk export-trt, TensorRT engines"] is False
-    assert report["works"]["mk export-onnx, mk quant"] is True
+    from mk.cli.doctor import _print
+
+    _print(report)
+    text = capsys.readouterr().out
+    assert text.startswith("cpu") and "works here" in text and ("mk[gpu]" in text) != HAS_TENSORRT
 
 
-def test_doctor_require_exit_codes():
-    import torch
-
-    assert run_mk("doctor", "--require", "torch,onnxruntime").returncode == 0
-    r = run_mk("doctor", "--require", "cuda,tensorrt")
-    if not torch.cuda.is_available():
-        assert r.returncode == 1 and "missing: cuda" in r.stderr and "download.pytorch.org" in r.stderr
-        assert r.stdout.startswith("cpu")  # the report is still printed
+def test_doctor_unknown_requirement_is_exit_2_before_probing():
     r = run_mk("doctor", "--require", "cuda,warp-drive")
     assert r.returncode == 2 and "--require warp-drive: unknown" in r.stderr and r.stdout == ""
 
