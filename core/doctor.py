@@ -88,7 +88,7 @@ def _nvidia_smi() -> dict:
         return {"ok": False, "error": "nvidia-smi not found"}
     try:
         r = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"ok": False, "error": f"nvidia-smi failed ({type(e).__name__})"}
     if r.returncode != 0:

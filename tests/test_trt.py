@@ -5,11 +5,10 @@ recorded manifest, and every error path that needs no TensorRT."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
-
 from conftest import run_mk
-
 from mk.core.compression import profiles
 from mk.core.errors import BadInput
 
@@ -162,7 +161,6 @@ def test_plan_repository_parses_as_triton_model_config(tmp_path):
 def test_export_onnx_writes_a_triton_repository(tiny_model, tiny_dataset, tmp_path):
     pytest.importorskip("tritonclient.grpc")
     import onnxruntime as ort
-
     from mk.core.artifact import open_artifact
     from mk.core.compression.triton import check_repo, parse_config, write_onnx_repo
 

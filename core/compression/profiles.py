@@ -12,7 +12,6 @@ Pure arithmetic on numpy arrays, so every rule here is tested without TensorRT.
 from __future__ import annotations
 
 import numpy as np
-
 from mk.core.errors import BadInput
 
 DEFAULT_PERCENTILE = 95.0
@@ -102,7 +101,7 @@ def input_shapes(profile: dict, names: list[str]) -> dict[str, list[list[int]]]:
 def preferred_batch_sizes(profile: dict) -> list[int]:
     """Triton's dynamic batcher's preferred sizes: the profile's opt batch and the powers of
     two from 8 up to it (the sizes an engine built for opt runs best at)."""
-    lo, opt, hi = profile["batch"]
+    lo, opt, _ = profile["batch"]
     sizes = {opt}
     p = 8
     while p < opt:

@@ -32,13 +32,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
+from mk.core.compression import profiles
+from mk.core.compression.export import (
+    copy_tokenizer_files,
+    load_onnx,
+    model_inputs,
+    to_fp16,
+)
 from mk.core.console import log
 from mk.core.errors import BadInput, GateFailed, MkError
 from mk.core.outputs import atomic_output, check_output
-from mk.core.compression import profiles
-from mk.core.compression.export import copy_tokenizer_files, load_onnx, model_inputs, to_fp16
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 1e-1, "int8": 2e-1}
@@ -103,14 +107,14 @@ def check_int8_parent(art: Artifact) -> None:
 
 def _cuda_device(device: str) -> str:
     import torch
-
     from mk.core.device import resolve_device
 
+    if device == "cpu":
+        raise BadInput("--device cpu: a TensorRT engine is built for, and runs on, a CUDA GPU")
     if not torch.cuda.is_available():
         raise BadInput("TensorRT builds for a CUDA GPU and torch sees none here",
                        hint="run `mk doctor` to see what this machine has; build on the GPU it will serve on")
-    device = resolve_device("cuda" if device in ("auto", "cpu") else device)
-    return device
+    return resolve_device("cuda" if device == "auto" else device)
 
 
 # --------------------------------------------------------------------------- the build
@@ -202,7 +206,7 @@ def verify(parent: Artifact, engine_art: Artifact, test: dict, profile: dict, de
                     batch_size)
     labels = test["labels"]
     verdict = judge(check["reference"] == labels, check["engine"] == labels, max_drop, confidence, gate_test)
-    record = {"reference": "onnxruntime (CPU) on the ONNX parent", "rows": int(len(labels)),
+    record = {"reference": "onnxruntime (CPU) on the ONNX parent", "rows": len(labels),
               "max_abs_diff": check["max_abs_diff"], "atol": atol,
               "prediction_agreement": float(np.mean(check["reference"] == check["engine"])),
               "rows_cut_to_max_seq": check["rows_cut_to_max_seq"], "gate": verdict.record()}
@@ -226,7 +230,7 @@ def export_trt(model: str | Path, out: str | Path, data: str | Path | None = Non
     artifact; verify it; return a result dict. `triton` ({"repo", "kind", "count"})
     also writes a Triton model repository. GateFailed (artifact kept) past --atol
     or --max-drop."""
-    from mk.core.compression.quantize import _prepare_parent, check_gate_options
+    from mk.core.compression.quantize import check_gate_options, prepare_onnx_parent
     from mk.core.dataset import dataset_for, load_split
     from mk.core.runtime.tensorrt_runtime import import_tensorrt, machine
 
@@ -253,7 +257,7 @@ def export_trt(model: str | Path, out: str | Path, data: str | Path | None = Non
     here = machine(trt, device)
     cache = Path(timing_cache) if timing_cache else None
 
-    parent, exported = _prepare_parent(art, out, ds.path, force, trust_pickle)
+    parent, exported = prepare_onnx_parent(art, out, ds.path, force, trust_pickle, "mk export-trt")
     names = model_inputs(load_onnx(parent.path / "model.onnx", load_external_data=False))
     shapes = profiles.input_shapes(profile, names)
     with atomic_output(out, force) as tmp:

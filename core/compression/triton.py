@@ -51,12 +51,13 @@ def config_text(name: str, platform: str, inputs: list[tuple[str, str, list[int]
         return f'  {{ name: "{n}" data_type: {TRITON_TYPES[dtype]} dims: [ {", ".join(map(str, dims))} ]{extra} }}'
 
     platform_name, filename = PLATFORMS[platform]
+    batching = (f"dynamic_batching {{ preferred_batch_size: [ {', '.join(map(str, preferred))} ] "
+                f"max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}")
     lines = [f'name: "{name}"', f'platform: "{platform_name}"', f'default_model_filename: "{filename}"',
              f"max_batch_size: {max_batch_size}",
              "input [", ",\n".join(tensor(t, False) for t in inputs), "]",
              "output [", ",\n".join(tensor(t, labels and i == 0) for i, t in enumerate(outputs)), "]",
-             f"dynamic_batching {{ preferred_batch_size: [ {', '.join(map(str, preferred))} ] "
-             f"max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}",
+             batching,
              f"instance_group [ {{ count: {count} kind: KIND_{kind.upper()} }} ]"]
     return "\n".join(lines) + "\n"
 
@@ -113,10 +114,9 @@ def write_repo(repo: Path, name: str, platform: str, files: list[Path], config: 
 def write_onnx_repo(art, triton: dict, force: bool = False) -> Path:
     """An ONNX model artifact as a Triton model (ONNX Runtime backend); tensor types
     from the graph, dynamic batch up to triton["max_batch_size"] (default 32)."""
-    from onnx.helper import tensor_dtype_to_np_dtype
-
     from mk.core.compression.export import EXTERNAL_DATA_NAME, load_onnx, model_inputs
     from mk.core.compression.profiles import DEFAULT_MAX_BATCH, preferred_batch_sizes
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     model = load_onnx(art.path / "model.onnx", load_external_data=False)
     graph, feeds = model.graph, set(model_inputs(model))

@@ -19,11 +19,11 @@ documented API and run only where a GPU and TensorRT are present (tests marked
 from __future__ import annotations
 
 import numpy as np
-
 from mk.core.artifact import Artifact
 from mk.core.device import resolve_device
 from mk.core.doctor import INSTALL
 from mk.core.errors import BadInput
+
 
 def import_tensorrt():
     """The tensorrt module, or one line naming what is missing and how to install it."""
