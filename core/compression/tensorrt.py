@@ -175,6 +175,22 @@ def build_engine(trt, onnx_path: Path, shapes: dict, precision: str, workspace: 
                                and weak, "build_seconds": round(time.perf_counter() - start, 2)}
 
 
+def _build_from(trt, parent: Artifact, tmp: Path, shapes: dict, precision: str, workspace, cache, opt_level):
+    """build_engine on the parent's graph, or on an fp16 copy of it (in `tmp`, removed
+    after) where TensorRT has no FP16 flag (11.x: strongly typed only)."""
+    import shutil
+
+    source = parent.path / "model.onnx"
+    if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+        (tmp / ".fp16").mkdir()
+        to_fp16(source, tmp / ".fp16" / "model.onnx")
+        source = tmp / ".fp16" / "model.onnx"
+    try:
+        return build_engine(trt, source, shapes, precision, workspace, cache, opt_level)
+    finally:
+        shutil.rmtree(tmp / ".fp16", ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -261,15 +277,7 @@ def export_trt(model: str | Path, out: str | Path, data: str | Path | None = Non
     names = model_inputs(load_onnx(parent.path / "model.onnx", load_external_data=False))
     shapes = profiles.input_shapes(profile, names)
     with atomic_output(out, force) as tmp:
-        source = parent.path / "model.onnx"
-        if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
-            (tmp / ".fp16").mkdir()
-            to_fp16(source, tmp / ".fp16" / "model.onnx")
-            source = tmp / ".fp16" / "model.onnx"
-        plan, done = build_engine(trt, source, shapes, precision, workspace, cache, opt_level)
-        if source != parent.path / "model.onnx":
-            import shutil
-            shutil.rmtree(source.parent)
+        plan, done = _build_from(trt, parent, tmp, shapes, precision, workspace, cache, opt_level)
         (tmp / "model.plan").write_bytes(plan)
         copy_tokenizer_files(parent.path, tmp)
         record = {**here, "precision": precision, **done, "profile": {**profile, "inputs": shapes},
