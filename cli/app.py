@@ -80,9 +80,11 @@ def _global(
 
 
 def report(err: MkError) -> None:
-    console.print(f"[bold red]error:[/] {err.message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages name things like mk[gpu], which are not markup
+
+    console.print(f"[bold red]error:[/] {escape(err.message)}", markup=True, highlight=False, soft_wrap=True)
     if err.hint:
-        console.print(f"[bold]hint:[/] {err.hint}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[bold]hint:[/] {escape(err.hint)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def _debug() -> bool:

@@ -32,6 +32,13 @@ def export_onnx(
         "--external-data/--no-external-data", show_default=False,
         help="Weights in model.onnx.data. [default: only for models over 2 GB]")] = None,
     device: options.Device = "cpu",
+    triton_repo: options.TritonRepo = None,
+    triton_name: options.TritonName = None,
+    triton_instances: options.TritonInstances = 1,
+    triton_kind: Annotated[str, typer.Option(
+        "--triton-instance-kind", help="Where Triton runs the instances: auto, gpu or cpu.")] = "auto",
+    triton_max_batch: Annotated[int, typer.Option(
+        "--triton-max-batch-size", min=1, help="Triton's max_batch_size (dynamic batching).")] = 32,
     threads: options.Threads = None,
     force: options.Force = False,
     trust_pickle: options.TrustPickle = False,
@@ -44,11 +51,14 @@ def export_onnx(
     batch and sequence shapes; the largest logit difference is reported and stored
     in mk.json. Above --atol the command exits 3 and keeps the artifact. The export
     itself runs on the CPU; --device cuda verifies on the GPU (torch and ONNX
-    Runtime's CUDA provider), where the model will run.
+    Runtime's CUDA provider), where the model will run. --triton-repo also lays the
+    verified model out for Triton's ONNX Runtime backend.
     """
     from mk.core.compression.export import export_onnx as run
 
     result = run(read_input(model, "model"), output, data=data, atol=atol, optimize=optimize, fp16=fp16,
                  opset=opset, exporter=exporter, external_data=external_data, force=force,
-                 trust_pickle=trust_pickle, threads=threads, device=device)
+                 trust_pickle=trust_pickle, threads=threads, device=device,
+                 triton=options.triton(triton_repo, triton_name, triton_instances, triton_kind,
+                                       max_batch_size=triton_max_batch))
     show(Path(result["path"]), result, as_json)

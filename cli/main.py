@@ -7,7 +7,8 @@ stays fast (a test checks it).
 
 from __future__ import annotations
 
-from mk.cli import bench, demo, explain, export_onnx, info, prep, prune, quant, serve, tune  # noqa: F401  (registers commands)
+from mk.cli import (bench, demo, doctor, explain, export_onnx, export_trt, info, prep,  # noqa: F401  (registers commands)
+                    prune, quant, serve, tune)
 from mk.cli.app import app
 
 

@@ -46,3 +46,20 @@ def input_argument(help: str):
     """A positional input path that may instead arrive on piped stdin."""
     return typer.Argument(help=f"{help} Read from stdin when omitted and stdin is piped.",
                           show_default=False)
+
+
+# Triton model repository (mk export-onnx, mk export-trt): one group, one meaning.
+TritonRepo = Annotated[Optional[Path], typer.Option(
+    "--triton-repo", help="Also write a Triton model repository here: DIR/NAME/config.pbtxt and the model "
+                          "in DIR/NAME/1/, as Triton Inference Server loads it.")]
+TritonName = Annotated[Optional[str], typer.Option(
+    "--triton-name", help="The model's name in the Triton repository.  [default: the -o folder's name]")]
+TritonInstances = Annotated[int, typer.Option(
+    "--triton-instances", min=1, help="Model instances in Triton's instance group.")]
+
+
+def triton(repo: Optional[Path], name: Optional[str], instances: int, kind: str, **extra) -> dict | None:
+    """The --triton-* options as the dict core takes (None without --triton-repo)."""
+    if repo is None:
+        return None
+    return {"repo": repo, "name": name, "count": instances, "kind": kind, **extra}

@@ -3,8 +3,8 @@ and the TensorRT runtime. Skipped where torch sees no CUDA device (conftest)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -52,46 +52,38 @@ def test_bench_on_cuda_reports_gpu_memory(tiny_model, tiny_dataset):
     assert report["artifacts"][0]["gpu_peak_bytes"] > 0
 
 
-def _build_engine(onnx_dir, out_dir, max_batch=8, max_len=64):
-    """A TensorRT engine with one profile, as `mk export-trt` will build it."""
-    trt = pytest.importorskip("tensorrt")
-    from mk.core.artifact import open_artifact, write_manifest
-
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse((onnx_dir / "model.onnx").read_bytes())
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        profile.set_shape(name, (1, 8), (max_batch, max_len // 2), (max_batch, max_len))
-    config.add_optimization_profile(profile)
-    out_dir.mkdir()
-    (out_dir / "model.plan").write_bytes(bytes(builder.build_serialized_network(network, config)))
-    for f in onnx_dir.iterdir():
-        if f.name not in ("model.onnx", "mk.json") and f.is_file():
-            shutil.copy2(f, out_dir / f.name)
-    src = open_artifact(onnx_dir)
-    write_manifest(out_dir, kind="model", format="tensorrt", task=src.task, labels=src.labels, parent=src)
-    return out_dir
-
-
-def test_tensorrt_runtime_matches_torch_and_checks_its_profile(tiny_model, tiny_dataset, tmp_path):
+def test_export_trt_matches_onnx_runtime_and_checks_its_profile(tiny_model, tiny_dataset, tmp_path):
+    """mk export-trt end to end: the engine, its record, the gate, the profile guard,
+    the timing cache reused, and the Triton repository parsed by Triton's protobuf."""
     pytest.importorskip("tensorrt")
+    from mk.core.artifact import open_artifact
     from mk.core.errors import BadInput
     from mk.core.runtime import load_runtime
 
-    onnx_dir = tmp_path / "onnx"
-    run_mk("export-onnx", str(tiny_model), "--data", str(tiny_dataset), "-o", str(onnx_dir), check=True)
-    engine = _build_engine(onnx_dir, tmp_path / "trt")
+    cache = tmp_path / "timing.cache"
+    r = run_mk("export-trt", str(tiny_model), "--data", str(tiny_dataset), "--max-batch-size", "8",
+               "--timing-cache", str(cache), "--triton-repo", str(tmp_path / "repo"), "--json",
+               "-o", str(tmp_path / "trt"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["verification"]["passed"] and result["verification"]["max_abs_diff"] < 1e-3
+    assert cache.stat().st_size > 0
+    record = open_artifact(tmp_path / "trt").manifest["tensorrt"]
+    assert record["profile"]["batch"] == [1, 8, 8] and record["compute_capability"]
     batch = _batch(tiny_dataset)
-    trt_runtime = load_runtime(engine, device="cuda")
-    np.testing.assert_allclose(trt_runtime(batch), load_runtime(tiny_model, device="cpu")(batch), atol=1e-3)
+    engine = load_runtime(tmp_path / "trt", device="cuda")
+    np.testing.assert_allclose(engine(batch), load_runtime(tmp_path / "trt-onnx", device="cpu")(batch), atol=1e-3)
     too_big = {k: np.concatenate([v, v]) for k, v in batch.items()}  # batch 16 > profile max 8
     with pytest.raises(BadInput, match="outside the engine's profile"):
-        trt_runtime(too_big)
+        engine(too_big)
+    if importlib.util.find_spec("tritonclient") is not None:
+        from mk.core.compression.triton import parse_config
+
+        cfg = parse_config((tmp_path / "repo" / "trt" / "config.pbtxt").read_text())
+        assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
+    r = run_mk("export-trt", str(tmp_path / "trt-onnx"), "--fp16", "--data", str(tiny_dataset),
+               "--timing-cache", str(cache), "-o", str(tmp_path / "fp16"))
+    assert r.returncode == 0, r.stderr
 
 
 def test_onnx_runtime_runs_on_the_gpu_it_was_given(tiny_model, tiny_dataset, tmp_path):

@@ -257,15 +257,19 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
                 optimize: bool = False, fp16: bool = False, opset: int = MIN_OPSET, exporter: str = "auto",
                 external_data: bool | None = None, force: bool = False, trust_pickle: bool = False,
                 threads: int | None = None, verify: bool = True, step_of: str | None = None,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", triton: dict | None = None) -> dict:
     """Export a safetensors model artifact (or Hugging Face folder, or `minilm`) to an
     ONNX model artifact at `out`; verify it against torch on `device`; return a result dict.
 
     Raises GateFailed (the artifact kept) when the largest logit difference is above `atol`
-    (default 1e-3 in fp32, 5e-2 with --fp16)."""
+    (default 1e-3 in fp32, 5e-2 with --fp16). `triton` ({"repo", "max_batch_size", "kind",
+    "count"}) also writes a Triton model repository (core.compression.triton) once verified."""
     device = _verification_device(device) if verify else "cpu"
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
+    if triton:
+        from mk.core.compression.triton import check_repo
+        check_repo(Path(triton["repo"]), force, inputs=[art.path, out])
     _check_exportable(art)
     atol = _check_export_options(opset, exporter, atol, fp16)
     config = art.config()
@@ -311,6 +315,9 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
         raise GateFailed(f"{out}: ONNX logits differ from torch by up to {check['max_abs_diff']:.3g}, "
                          f"above --atol {atol:g}", path=out, result=result,
                          hint="the artifact was kept for inspection; see onnx.verification in its mk.json")
+    if triton:
+        from mk.core.compression.triton import write_onnx_repo
+        result["triton_repo"] = str(write_onnx_repo(open_artifact(out), triton, force))
     return result
 
 

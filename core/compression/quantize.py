@@ -261,8 +261,10 @@ def settings_for_this_cpu(settings: QuantSettings) -> dict:
     return {"cpu": cpu.record(), "chosen_for_cpu": chosen, "given": given}
 
 
-def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: bool) -> tuple[Artifact, bool]:
-    """The fp32 ONNX parent: the input itself, or its export in the sibling `<out>-onnx`."""
+def prepare_onnx_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: bool,
+                        command: str = "mk quant") -> tuple[Artifact, bool]:
+    """The fp32 ONNX parent: the input itself, or its export in the sibling `<out>-onnx`
+    (reused when it was exported from the same model)."""
     if art.format == "onnx":
         return art, False
     if art.format != "safetensors":
@@ -283,7 +285,7 @@ def _prepare_parent(art: Artifact, out: Path, data, force: bool, trust_pickle: b
                            hint="pass --force to export again, or choose another -o")
     log.info("exporting %s to ONNX first: %s", art.path, sibling)
     export_onnx(art.path, sibling, data=data, force=True, trust_pickle=trust_pickle,
-                step_of="mk quant: a safetensors input is exported first (the export-onnx step)")
+                step_of=f"{command}: a safetensors input is exported first (the export-onnx step)")
     return open_artifact(sibling, kind="model"), True
 
 
@@ -307,7 +309,7 @@ def quantize(model: str | Path, out: str | Path, method: str = DEFAULT_METHOD, d
     # ---- validate everything before anything is written
     _check_quantizable(art)
     ds, test = _dataset(art, data, method, gate)
-    parent, exported = _prepare_parent(art, out, ds.path if ds else data, force, trust_pickle)
+    parent, exported = prepare_onnx_parent(art, out, ds.path if ds else data, force, trust_pickle)
     input_names = _check_op_types(parent, settings)
     calibration = _calibration(ds, input_names, settings) if method == "static" else None
 
