@@ -126,11 +126,12 @@ def copy_with_other_tokenizer(dataset: Path, out: Path) -> Path:
     return out
 
 
-def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=None, check=False):
+def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=None, check=False,
+           timeout: float = 600):
     """Run the real `mk` console script in a subprocess (stdout and stderr apart)."""
     mk = Path(sys.executable).with_name("mk")
     proc = subprocess.run([str(mk), *args], input=input, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"mk {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
