@@ -33,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A runtime given --threads sets torch's process-wide thread count; a test must not
+    leave it to the next (reductions over other thread counts round differently)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from mk.core.embedded import model_path
@@ -57,15 +68,16 @@ def write_labelled_csv(path: Path, rows, per_label: int) -> Path:
     return path
 
 
-def make_tiny_model(out: Path, tokenizer_dir: Path, labels=LABELS, seed: int = 0, layers: int = 2) -> Path:
-    """A BERT classifier with hidden size 32 and the real MiniLM tokenizer."""
+def make_tiny_model(out: Path, tokenizer_dir: Path, labels=LABELS, seed: int = 0, layers: int = 2,
+                    hidden: int = 32) -> Path:
+    """A BERT classifier with hidden size 32 (or `hidden`) and the real MiniLM tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
                         num_labels=len(labels), id2label=dict(enumerate(labels)),
                         label2id={l: i for i, l in enumerate(labels)})
     model = BertForSequenceClassification(config).eval()

@@ -4,6 +4,8 @@ fuzzing and SIGTERM, and `mk bench --url` load-testing it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import re
@@ -20,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import LABELS, run_mk
+from conftest import LABELS, make_tiny_model, run_mk
 from test_bench import ENV, export_onnx, model_artifact
 
 KEY = "s3cret-key-for-tests"
@@ -254,17 +256,22 @@ def test_concurrent_requests_are_batched(server, tweets_rows):
     assert _metric(text, "mk_tokens_total") > 128
 
 
-def test_overload_gives_503_and_the_server_recovers(served_model, tweets_rows):
-    # a queue of one request of 64 inputs: while one runs and one waits, the others are refused
-    url, proc = start(served_model, "--max-queue", "64", "--max-batch-size", "64", "--max-wait-ms", "0")
+def test_overload_gives_503_and_the_server_recovers(tmp_path, minilm_dir, tweets_rows):
+    # a queue of 64 inputs, one request's worth: while one batch runs and one request waits, the
+    # others are refused. The model is MiniLM-sized (random weights) so that a batch of 64 takes
+    # long enough for requests to pile up; a tiny model is served faster than they arrive.
+    model = make_tiny_model(tmp_path / "tiny-onnx", minilm_dir, layers=6, hidden=384)
+    url, proc = start(model, "--max-queue", "64", "--max-batch-size", "64", "--max-wait-ms", "0")
     try:
         body = {"inputs": [texts_tensor("text", [" ".join(t for t, _ in tweets_rows[i:i + 6]) for i in range(64)])]}
 
-        def one(_):
-            with httpx.Client(timeout=60) as c:
-                return [c.post(f"{url}/v2/models/tiny-onnx/infer", json=body) for _ in range(3)]
-        with ThreadPoolExecutor(32) as pool:
-            answers = [r for rs in pool.map(one, range(32)) for r in rs]
+        async def burst(n: int):
+            # all at once from one event loop: threads of a 2-core client take turns with the GIL and
+            # may send too slowly to ever fill the queue
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as c:
+                return await asyncio.gather(*(c.post(f"{url}/v2/models/tiny-onnx/infer", json=body)
+                                              for _ in range(n)))
+        answers = [r for _ in range(3) for r in asyncio.run(burst(64))]
         codes = [r.status_code for r in answers]
         assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
         refused = next(r for r in answers if r.status_code == 503)
