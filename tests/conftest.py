@@ -33,15 +33,24 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads_restored():
-    """A runtime given --threads sets torch's process-wide thread count; a test must not
-    leave it to the next (reductions over other thread counts round differently)."""
+@pytest.fixture(scope="session", autouse=True)
+def _torch_default_threads() -> int:
+    """torch's thread count as a fresh `mk` process has it, read before any fixture runs."""
     import torch
 
-    threads = torch.get_num_threads()
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored(_torch_default_threads):
+    """A runtime given --threads sets torch's process-wide thread count, in module fixtures too;
+    each test starts from the default a subprocess gets (reductions over other thread counts
+    round differently, and resume tests compare an in-process run with a subprocess)."""
+    import torch
+
+    torch.set_num_threads(_torch_default_threads)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(_torch_default_threads)
 
 
 @pytest.fixture(scope="session")
