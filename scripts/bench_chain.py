@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -92,18 +91,11 @@ def build(a) -> None:
 
 
 def cpu() -> tuple[str, str]:
-    model, flags = platform.processor() or "?", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
-                flags = " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
-                break
-    except OSError:
-        pass
-    return model, flags
+    """The CPU model and the flags that decide int8 and vector speed, as mk reads them."""
+    from mk.core.cpu import this_cpu
+
+    found = this_cpu()
+    return found.model, " ".join(found.flags)
 
 
 def table(report: dict) -> str:

@@ -32,7 +32,6 @@ import csv
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -140,16 +139,11 @@ with tempfile.TemporaryDirectory() as cache:
 
 
 def cpu() -> tuple[str, str]:
-    """The CPU model and its vector-instruction flags (what decides tokenizer and numpy speed)."""
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
-        flags = next(l.split(":", 1)[1] for l in info.splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    vector = [f for f in flags.split() if f.startswith(("avx", "amx", "sse4"))]
-    return model, " ".join(vector)
+    """The CPU model and the flags that decide int8 and vector speed, as mk reads them."""
+    from mk.core.cpu import this_cpu
+
+    found = this_cpu()
+    return found.model, " ".join(found.flags)
 
 
 def per_row_loop(data: Path, tokenizer: str, text_col: str, max_length: int, rows: int) -> float:
