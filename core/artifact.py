@@ -156,6 +156,7 @@ def _synthesize_hf_manifest(path: Path, format: str = "safetensors") -> dict:
     archs = config.get("architectures") or []
     task = ("image-classification" if any("ImageClassification" in a for a in archs) else
             "text-classification" if any("SequenceClassification" in a for a in archs) else
+            "text-generation" if any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs) else
             "feature-extraction")
     id2label = config.get("id2label") or {}
     labels = [id2label[k] for k in sorted(id2label, key=int)] if task != "feature-extraction" else []
@@ -276,6 +277,14 @@ def write_manifest(root: Path, *, kind: str, format: str, labels: list[str], tas
     }
     (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
+
+
+def require_task(art: Artifact, tasks: tuple[str, ...], step: str) -> None:
+    """A step refuses, with exit 2, a model whose task it does not handle (an encoder
+    given to a causal-LM step, or the reverse)."""
+    task = art.task or "an unknown task"
+    if art.task not in tasks:
+        raise BadInput(f"{art.path}: is a {task} model; {step} handles {' and '.join(tasks)} models")
 
 
 def require(condition: bool, message: str, hint: str | None = None) -> None:

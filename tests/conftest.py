@@ -53,6 +53,58 @@ def _torch_threads_restored(_torch_default_threads):
     torch.set_num_threads(_torch_default_threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mk_cache(tmp_path_factory) -> Path:
+    """mk's cache (the converted GGUF model) lives in the session's temporary folder,
+    never in the user's home; `mk` subprocesses inherit it."""
+    cache = tmp_path_factory.mktemp("mk-cache")
+    os.environ["MK_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(_mk_cache) -> Path:
+    """The real embedded causal LM, converted from its GGUF file (about 40 s, once)."""
+    from mk.core.embedded import resolve_model
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def llm_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's real tokenizer with its chat template, read from the embedded GGUF file."""
+    from transformers import AutoTokenizer
+
+    from mk.core.embedded import gguf_path
+
+    gguf = gguf_path("smollm2")
+    out = tmp_path_factory.mktemp("llm-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
+
+
+def make_tiny_llm(out: Path, tokenizer_dir: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """A Llama causal LM with hidden size 32 and SmolLM2's real tokenizer (a plain
+    Hugging Face folder, as a user would bring)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory, llm_tokenizer_dir) -> Path:
+    return make_tiny_llm(tmp_path_factory.mktemp("llms") / "tiny-llm", llm_tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from mk.core.embedded import model_path

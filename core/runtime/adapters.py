@@ -1,5 +1,5 @@
-"""An unmerged LoRA adapter (`mk tune --no-merge`) as a classifier: its base model,
-its labels, the adapter on top. Loading lives here, beside the runtime that loads
+"""An unmerged LoRA adapter (`mk tune --no-merge`) as a model: its base model, its
+labels (a classifier's), the adapter on top. Loading lives here, beside the runtime that loads
 every model; making and merging adapters is training's (core/training/lora.py)."""
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ def adapter_base(path: Path) -> Path:
 
 
 def load_adapter_classifier(path: Path, auto_cls, **kwargs):
-    """An unmerged adapter artifact as a classifier: its base, its labels, the adapter."""
+    """An unmerged adapter artifact as a model: its base, its labels (a classifier's),
+    the adapter."""
     from peft import PeftModel
 
     cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("id2label") and cfg.get("label2id"):
+        kwargs = {"id2label": {int(k): v for k, v in cfg["id2label"].items()},
+                  "label2id": cfg["label2id"]} | kwargs
     base = auto_cls.from_pretrained(str(adapter_base(path)), local_files_only=True, trust_remote_code=False,
-                                    id2label={int(k): v for k, v in cfg["id2label"].items()},
-                                    label2id=cfg["label2id"], **kwargs)
+                                    **kwargs)
     return PeftModel.from_pretrained(base, str(path), is_trainable=False)

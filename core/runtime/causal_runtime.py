@@ -1,0 +1,209 @@
+"""A causal LM behind one interface: encode prompts (chat template or raw text),
+generate with transformers' own `generate` (KV cache, greedy or sampling, stop
+strings), and report each step's new tokens as they come.
+
+`mk tune` (exact match), `mk bench` (prefill, time to first token, decode
+speed) and `mk serve` (the OpenAI-compatible routes, streaming) all generate
+through `CausalLM.generate`, so the figures of one are what the others run at.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from mk.core.artifact import Artifact, require_task
+from mk.core.device import resolve_device
+from mk.core.errors import BadInput, library_error
+
+TASK = "text-generation"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy; `ignore_eos` generates exactly
+    `max_new_tokens` (benchmarks compare equal work)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Generated:
+    """What `generate` returns per batch: each row's new token ids and text (cut
+    before the first stop string), why it ended, and the step times."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]        # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: list[int]
+    first_token_s: float = 0.0       # prefill: from the call to the first new token
+    step_s: list[float] = field(default_factory=list)  # each later token's gap
+
+
+def load_causal_lm(path, dtype=None):
+    """AutoModelForCausalLM from a folder, quietly and offline; an unmerged LoRA
+    adapter (`mk tune --no-merge`) loads onto its base model."""
+    import transformers
+    from safetensors import SafetensorError
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        from mk.core.runtime import adapters
+        if adapters.is_adapter(path):
+            return adapters.load_adapter_classifier(path, transformers.AutoModelForCausalLM, **kwargs)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False, **kwargs)
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise library_error(e, path, "cannot load the causal LM") from None
+
+
+def load_tokenizer(path):
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise library_error(e, path, "cannot load the tokenizer") from None
+    if tok.pad_token_id is None:  # Llama-style tokenizers have none; padding reuses EOS
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class _Steps:
+    """A transformers streamer that records when each new token arrives and hands
+    it on: `generate` calls put() first with the prompt, then once per step."""
+
+    def __init__(self, on_tokens):
+        self.on_tokens = on_tokens
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        if self.on_tokens is not None:
+            self.on_tokens(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class CausalLM:
+    """A causal LM and its tokenizer. The constructor takes them in memory (`mk tune`
+    evaluates what it trains); `CausalLM.load` reads an artifact."""
+
+    name = "torch"
+
+    def __init__(self, model, tokenizer, device: str, threads: int | None = None,
+                 artifact: Artifact | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        self.model, self.tokenizer, self.device, self.artifact = model, tokenizer, str(device), artifact
+        config = getattr(model, "config", None)
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        self.vocab_size = int(getattr(config, "vocab_size", 0) or len(tokenizer))
+
+    @classmethod
+    def load(cls, art: Artifact, device: str = "auto", threads: int | None = None) -> "CausalLM":
+        require_task(art, (TASK,), "this step")
+        device = resolve_device(device)
+        model = load_causal_lm(art.path).to(device).eval()
+        return cls(model, load_tokenizer(art.path), device, threads, art)
+
+    # -- prompts ------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation with the assistant's turn opened."""
+        if not self.has_chat_template:
+            raise BadInput("this model's tokenizer has no chat template, so it cannot take chat messages",
+                           hint="send a plain prompt (/v1/completions, or a prompt column) instead")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if self.context_length and prompt_len + max_new_tokens > self.context_length:
+            raise BadInput(f"the prompt ({prompt_len} tokens) and {max_new_tokens} new tokens exceed the "
+                           f"model's context of {self.context_length} tokens",
+                           hint="shorten the prompt or ask for fewer new tokens")
+
+    # -- generation ---------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, on_tokens=None) -> Generated:
+        """Generate for a batch of prompts (left-padded together). `on_tokens(ids)`
+        is called from this thread with one new id per row at each step."""
+        import torch
+
+        for ids in prompts:
+            if not ids:
+                raise BadInput("an empty prompt: nothing to continue from")
+            self.check_fits(len(ids), sampling.max_new_tokens)
+        tok = self.tokenizer
+        width = max(len(ids) for ids in prompts)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
+        steps = _Steps(on_tokens)
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, streamer=steps)
+        if sampling.ignore_eos:
+            kwargs["min_new_tokens"] = sampling.max_new_tokens
+        if sampling.stop:
+            kwargs |= {"stop_strings": list(sampling.stop), "tokenizer": tok}
+        if sampling.temperature > 0:
+            kwargs |= {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                       "top_k": 0}
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+        else:
+            kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        new = out[:, width:].tolist()
+        result = self._finish(new, sampling, [len(ids) for ids in prompts])
+        if steps.times:
+            result.first_token_s = steps.times[0] - t0
+            result.step_s = [b - a for a, b in zip(steps.times, steps.times[1:])]
+        return result
+
+    def _finish(self, rows: list[list[int]], sampling: Sampling, prompt_tokens: list[int]) -> Generated:
+        """Cut each row at its end: EOS (unless ignored) or the first stop string."""
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        tokens, texts, reasons = [], [], []
+        for row in rows:
+            reason = "length"
+            if not sampling.ignore_eos:
+                for i, t in enumerate(row):
+                    if t in eos:
+                        row, reason = row[:i], "stop"
+                        break
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            cut = [text.find(s) for s in sampling.stop if s and s in text]
+            if cut:
+                text, reason = text[:min(cut)], "stop"
+            tokens.append(row)
+            texts.append(text)
+            reasons.append(reason)
+        return Generated(tokens, texts, reasons, prompt_tokens)
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": self.device, "threads": self.threads}
