@@ -69,10 +69,19 @@ def prep(
     reproducible with --seed. --max-length defaults to the 95th percentile of
     the token lengths, rounded up to a multiple of 8. Prints the artifact's path.
 
-    --task generate makes examples for a causal LM (`mk prep tweets --task generate
-    -o data-gen`): the model's chat template is applied, the loss falls on the
-    completion's tokens only, and rows whose prompt alone fills --max-length are
-    dropped and counted.
+    --task generate makes (prompt, completion) examples for a causal LM from
+    prompt/completion columns or a chat `messages` column (either picks the task
+    by itself), or from labelled rows turned into instructions whose answer is the
+    label:
+
+    \b
+        mk prep tweets --task generate -o data-gen
+        mk prep chats.jsonl --pack --max-length 512 -o data-gen
+
+    The tokenizer is then smollm2's unless --tokenizer names another; its chat
+    template is applied as at inference, the loss falls on the completion's
+    tokens only (end of turn included), and rows whose prompt alone fills
+    --max-length are dropped and counted, never cut.
     """
     from mk.core.data.prep import PrepOptions, parse_split
     from mk.core.data.prep import prep as run_prep

@@ -268,18 +268,18 @@ def fit(plan, prompt: np.ndarray, total: np.ndarray, opts, limit: int | None, wh
         length, how = base.length_from(total[plan.split == 0], limit, "training examples (prompt and completion)")
     keep = prompt < length
     if not keep.all():
+        empty = [s for i, s in enumerate(SPLITS) if not np.any(keep & (plan.split == i))]
+        if empty:
+            raise BadInput(f"{what}: the {empty[0]} split is empty once the rows whose prompt does not fit in "
+                           f"{length} tokens are dropped", hint="raise --max-length, or shorten the prompts")
         over = int((prompt > limit).sum()) if limit else 0
         plan.cleaning["prompt_too_long"] = int((~keep).sum())
         if over:
             plan.cleaning["prompt_over_context"] = over
         log.warning("dropped %d row(s) whose prompt alone fills --max-length %d%s; --max-length %d keeps them all",
                     (~keep).sum(), length, f" ({over} longer than the model's context of {limit})" if over else "",
-                    min(int(np.ceil((total.max() + 1) / 8) * 8), limit or 1 << 30))
+                    min(int(np.ceil(total.max() / 8) * 8), limit or 1 << 30))
         plan = plan.keep(keep)
-        empty = [s for s, n in plan.counts().items() if n == 0]
-        if empty:
-            raise BadInput(f"{what}: the {empty[0]} split is empty once the rows whose prompt does not fit in "
-                           f"{length} tokens are dropped", hint="raise --max-length, or shorten the prompts")
     return plan, prompt[keep], total[keep], length, how
 
 
