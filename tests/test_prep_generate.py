@@ -218,8 +218,8 @@ def test_recipe_turns_real_tweets_into_instructions(tmp_path, llm_tokenizer_dir)
     for a in rows_of(out).values():
         for ids, labels, pl in zip(a["input_ids"], a["labels"], a["prompt_lengths"]):
             prompt = tok.decode(ids[:pl])
-            assert "<|im_start|>user\nClassify the sentiment of this tweet as negative, neutral or positive.\n" \
-                   "Tweet: " in prompt and prompt.endswith("<|im_start|>assistant\n")
+            assert "<|im_start|>user\nClassify the sentiment of this tweet as negative, neutral or positive. " \
+                   "Answer with one word.\nTweet: " in prompt and prompt.endswith("<|im_start|>assistant\n")
             assert tok.decode(labels[labels != -100], skip_special_tokens=True).strip() in LABELS
     assert json.loads((out / "mk.json").read_text())["task"] == "text-generation"
 
@@ -235,7 +235,7 @@ def test_recipe_without_a_template_ends_the_prompt_with_a_cue(tmp_path, plain_to
     tok = tokenizer(out)
     a = rows_of(out)["test"]
     prompt = tok.decode(a["input_ids"][0][:a["prompt_lengths"][0]])
-    assert prompt.startswith("Classify the stars of this review as 1 or 2.\nReview: Review number")
+    assert prompt.startswith("Classify the stars of this review as 1 or 2. Answer with one word.\nReview: Review number")
     assert prompt.endswith("\nAnswer:")
 
 
