@@ -99,7 +99,7 @@ def _check(arts, settings: Settings) -> None:
         for s in settings.seq_lens:
             if m is not None and s + n > m:
                 raise BadInput(f"{a.path}: --seq-lens {s} and --new-tokens {n} exceed the model's context of "
-                               f"{m} tokens", hint=f"keep prompt length + new tokens within {m}")
+                               f"{m} tokens", hint=f"use --seq-lens {m - n} or less, or fewer --new-tokens")
 
 
 def _load_lm(art, device: str, threads: int):
