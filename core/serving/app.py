@@ -138,9 +138,11 @@ def _validation_error(request: Request, exc: RequestValidationError) -> Response
     if errors and errors[0].get("type") == "json_invalid":
         return _json(400, "request body is not JSON", path=path)
     first = errors[0] if errors else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
     return _json(422, f"{where or 'body'}: {first.get('msg', 'invalid')}" + (
-        f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), path=path, param=where or None)
+        f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), path=path,
+        param=loc[0] if loc else None)  # the request's field; the message says where inside it
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
