@@ -128,6 +128,25 @@ def test_stop_strings_cut_the_answer(client, stream):
     assert (text, reason) == (full[:cut], "stop")
 
 
+def test_generate_ends_rows_at_their_stop_string_and_budget(lm):
+    """In-process, the runtime's own stopping: a stop string ends the row (no token
+    past it), and rows of one batch each keep their own budget."""
+    from mk.core.runtime.causal_runtime import Sampling
+
+    prompt = lm.text_ids("Once upon a time")
+    sampled = Sampling(max_new_tokens=30, temperature=1.0, seed=3)
+    full = lm.generate([prompt], sampled)
+    stop = full.texts[0][6:9]
+    cut = lm.generate([prompt], Sampling(max_new_tokens=30, temperature=1.0, seed=3, stop=(stop,)))
+    assert cut.texts[0] == full.texts[0][:full.texts[0].find(stop)] and cut.finish_reasons == ["stop"]
+    assert cut.tokens[0] == full.tokens[0][:len(cut.tokens[0])] and len(cut.tokens[0]) < 30
+    assert stop in lm.decode(cut.tokens[0]) and stop not in lm.decode(cut.tokens[0][:-1])
+    other = lm.text_ids("The capital of France is")
+    both = lm.generate([prompt, other], Sampling(max_new_tokens=99), max_new=[3, 7])
+    assert [len(t) for t in both.tokens] == [3, 7] and both.finish_reasons == ["length", "length"]
+    assert both.tokens[1] == greedy(lm, other, 7).tokens[0]
+
+
 def _error(url: str, route: str, body, status: int, param: str | None = None, code: str | None = None) -> dict:
     r = httpx.post(f"{url}{route}", content=body if isinstance(body, bytes) else json.dumps(body),
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
