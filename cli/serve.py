@@ -1,4 +1,5 @@
-"""`mk serve`: answer KServe v2 and TEI requests for one model artifact."""
+"""`mk serve`: answer KServe v2 and TEI requests for a classifier, the OpenAI-compatible
+routes for a causal LM."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from mk.cli.output import read_input
 
 @command("serve")
 def serve(
-    model: Annotated[Optional[Path], options.input_argument("Model artifact to serve (folder, or `minilm`).")] = None,
+    model: Annotated[Optional[Path], options.input_argument(
+        "Model artifact to serve (folder, `minilm`, `smollm2`).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; any but loopback needs --api-key.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port; 0 picks a free one.")] = 8000,
@@ -42,7 +44,8 @@ def serve(
         "--truncate/--no-truncate", help="Cut texts over the model's limit (said in the answer), or refuse them.")
     ] = True,
 ):
-    """Serve a text classifier over HTTP: KServe v2 (text or token ids) and TEI's /predict.
+    """Serve a text classifier over HTTP (KServe v2, text or token ids, and TEI's /predict),
+    or a causal LM (OpenAI-compatible /v1/chat/completions and /v1/completions, streamed or not).
 
     Requests are batched together (up to --max-batch-size inputs) and run through the
     same runtime `mk bench` measures. Prints the server's URL on stdout once the model
@@ -53,6 +56,9 @@ def serve(
       mk serve tuned --port 8000 &
       curl -s localhost:8000/predict -d '{"inputs": "what a great day"}'
       mk bench --url http://127.0.0.1:8000 --concurrency 1,8,32 --data data
+    \b
+      mk serve smollm2 --port 8001 &
+      curl -s localhost:8001/v1/chat/completions -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
     """
     from mk.core.artifact import open_artifact
     from mk.core.console import console
@@ -78,8 +84,10 @@ def serve(
                       style="yellow", highlight=False)
 
     def ready(url: str) -> None:
+        routes = (f"{url}/v1/chat/completions · {url}/v1/completions" if art.task == "text-generation" else
+                  f"{url}/v2/models/{opts.name}/infer · {url}/predict")
         console.print(f"serving [bold]{opts.name}[/] ({art.format}, {workers} worker(s)) at {url}  "
-                      f"POST {url}/v2/models/{opts.name}/infer · {url}/predict · {url}/metrics · "
+                      f"POST {routes} · {url}/metrics · "
                       f"Ctrl-C stops", markup=True, highlight=False, soft_wrap=True)
         sys.stdout.write(url + "\n")
         sys.stdout.flush()

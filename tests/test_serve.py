@@ -114,6 +114,8 @@ def test_health_and_metadata(server):
     assert call(f"{url}/v2/models/other")[0] == 404
     status, schema = call(f"{url}/openapi.json")
     assert status == 200 and "/v2/models/{name}/infer" in schema["paths"] and "/predict" in schema["paths"]
+    status, error = call(f"{url}/v1/chat/completions", "POST", {"model": name, "messages": []})
+    assert status == 404 and "text classifier" in error["error"]["message"]  # the OpenAI routes: causal LMs
 
 
 def test_texts_are_classified_as_in_process(server, tweets_rows):

@@ -97,6 +97,34 @@ class _Steps:
         pass
 
 
+def stop_at(text: str, stop) -> int | None:
+    """Where `text` is cut: before the earliest of the stop strings it contains."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return min(cuts) if cuts else None
+
+
+class _RowEnds:
+    """A stopping criterion (transformers calls it after each step with the ids so
+    far): per row, whether it has its budget of new tokens, was cancelled, or its
+    new text holds a stop string. (transformers' own `stop_strings` builds tables
+    over the whole vocabulary at each call: 0.1-0.5 s on SmolLM2's 49k tokens, a
+    request's worth of time, where decoding the rows costs microseconds a step.)"""
+
+    def __init__(self, width: int, limits: list[int], cancelled=None, stop=(), decode=None):
+        self.width, self.limits, self.cancelled, self.stop, self.decode = width, limits, cancelled, stop, decode
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        made = input_ids.shape[1] - self.width
+        gone = self.cancelled() if self.cancelled is not None else ()
+        done = [made >= limit or i in gone for i, limit in enumerate(self.limits)]
+        if self.stop:
+            done = [d or stop_at(self.decode(row[self.width:].tolist()), self.stop) is not None
+                    for d, row in zip(done, input_ids)]
+        return torch.tensor(done, device=input_ids.device)
+
+
 class CausalLM:
     """A causal LM and its tokenizer. The constructor takes them in memory (`mk tune`
     evaluates what it trains); `CausalLM.load` reads an artifact."""
@@ -147,25 +175,34 @@ class CausalLM:
 
     # -- generation ---------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling, on_tokens=None) -> Generated:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, on_tokens=None,
+                 max_new: list[int] | None = None, cancelled=None) -> Generated:
         """Generate for a batch of prompts (left-padded together). `on_tokens(ids)`
-        is called from this thread with one new id per row at each step."""
-        import torch
+        is called from this thread with one new id per row at each step.
 
-        for ids in prompts:
+        `max_new` gives each row its own budget (instead of `sampling.max_new_tokens`)
+        and `cancelled()` the set of rows no longer wanted, so that requests asking
+        for different lengths share a batch (`mk serve`); a row that is done gets
+        padding while the others go on, and the batch ends when all are done."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        limits = max_new or [sampling.max_new_tokens] * len(prompts)
+        for ids, limit in zip(prompts, limits):
             if not ids:
                 raise BadInput("an empty prompt: nothing to continue from")
-            self.check_fits(len(ids), sampling.max_new_tokens)
+            self.check_fits(len(ids), limit)
         tok = self.tokenizer
         pad = tok.pad_token_id
         input_ids, mask = self._left_padded(prompts)
         width = input_ids.shape[1]
         steps = _Steps(on_tokens)
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, streamer=steps)
+        kwargs = dict(max_new_tokens=max(limits), pad_token_id=pad, streamer=steps)
+        if max_new is not None or cancelled is not None or sampling.stop:
+            ends = _RowEnds(width, limits, cancelled, tuple(s for s in sampling.stop if s), self.decode)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([ends])
         if sampling.ignore_eos:
-            kwargs["min_new_tokens"] = sampling.max_new_tokens
-        if sampling.stop:
-            kwargs |= {"stop_strings": list(sampling.stop), "tokenizer": tok}
+            kwargs["min_new_tokens"] = max(limits)
         if sampling.temperature > 0:
             kwargs |= {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
                        "top_k": 0}
@@ -176,7 +213,7 @@ class CausalLM:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        new = out[:, width:].tolist()
+        new = [row[:limit] for row, limit in zip(out[:, width:].tolist(), limits)]
         result = self._finish(new, sampling, [len(ids) for ids in prompts])
         if steps.times:
             result.first_token_s = steps.times[0] - t0
@@ -211,8 +248,7 @@ class CausalLM:
 
     def _finish(self, rows: list[list[int]], sampling: Sampling, prompt_tokens: list[int]) -> Generated:
         """Cut each row at its end: EOS (unless ignored) or the first stop string."""
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = self.eos_ids
         tokens, texts, reasons = [], [], []
         for row in rows:
             reason = "length"
@@ -221,10 +257,10 @@ class CausalLM:
                     if t in eos:
                         row, reason = row[:i], "stop"
                         break
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            cut = [text.find(s) for s in sampling.stop if s and s in text]
-            if cut:
-                text, reason = text[:min(cut)], "stop"
+            text = self.decode(row)
+            cut = stop_at(text, sampling.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
             tokens.append(row)
             texts.append(text)
             reasons.append(reason)
@@ -272,8 +308,17 @@ class CausalLM:
         for start in range(0, len(prompts), batch_size):
             out = self.generate(prompts[start:start + batch_size], sampling)
             for text, ref in zip(out.texts, refs[start:start + batch_size]):
-                hits += text.strip().lower() == self.tokenizer.decode(ref, skip_special_tokens=True).strip().lower()
+                hits += text.strip().lower() == self.decode(ref).strip().lower()
         return {"exact_match": hits / len(prompts), "rows": len(prompts)}
+
+    @property
+    def eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of new tokens (what `generate` returns, and what a stream shows)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def describe(self) -> dict:
         return {"runtime": self.name, "device": self.device, "threads": self.threads}

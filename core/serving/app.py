@@ -12,6 +12,11 @@ middleware in front of them for the key, the body limit and the metrics.
     GET  /health                              TEI's health route
     GET  /metrics                             Prometheus (no key needed)
     GET  /openapi.json, /docs                 the schema of all of the above
+
+A text-generation model answers the OpenAI-compatible routes of openai_routes.py
+instead of /v2/models/{name}[/infer] and /predict (and the reverse: each says
+with a 404 which routes its kind of model has). Errors on /v1 routes are
+OpenAI's error object, {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -27,18 +32,21 @@ from starlette.exceptions import HTTPException
 
 from mk.core import __version__
 from mk.core.console import log
-from mk.core.serving import protocol as p
+from mk.core.serving import openai_routes, protocol as p
+from mk.core.serving.openai_protocol import error_body
 from mk.core.serving.auth import OPEN_PATHS, authorized
 from mk.core.serving.model import ARRIVING, ServedModel
 
 ERRORS = {400: {"model": p.Error}, 401: {"model": p.Error}, 404: {"model": p.Error}, 413: {"model": p.Error},
           422: {"model": p.Error}, 503: {"model": p.Error}, 504: {"model": p.Error}}
 INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+TIMED_PATHS = frozenset({*INFER_PATHS, "/predict", "/v1/chat/completions", "/v1/completions"})
 
 
-def _json(status: int, message: str, headers: dict | None = None) -> Response:
-    return Response(json.dumps({"error": message}).encode(), status, headers=headers,
-                    media_type="application/json")
+def _json(status: int, message: str, headers: dict | None = None, path: str = "", param: str | None = None,
+          code: str | None = None) -> Response:
+    body = error_body(status, message, param, code) if path.startswith("/v1/") else {"error": message}
+    return Response(json.dumps(body).encode(), status, headers=headers, media_type="application/json")
 
 
 class Guard:
@@ -69,7 +77,7 @@ class Guard:
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, refusal = await self._body(scope, receive)
                 if refusal is None:
-                    receive = _replay(body)
+                    receive = _replay(body, receive)
                     # every body here is JSON: `curl -d` labels it a form, which FastAPI would not parse
                     scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
                         (b"content-type", b"application/json")]
@@ -80,7 +88,7 @@ class Guard:
             self.model.arrived(scope)
             route = getattr(scope.get("route"), "path", "unmatched")
             self.model.metrics.requests.labels(route=route, code=str(status[0])).inc()
-            if route in INFER_PATHS or route == "/predict":
+            if route in TIMED_PATHS:
                 self.model.metrics.latency.labels(route=route).observe(time.perf_counter() - t0)
 
     def _refusal(self, scope) -> Response | None:
@@ -90,11 +98,11 @@ class Guard:
         if authorized(header, self.key):
             return None
         return _json(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
-                     {"WWW-Authenticate": "Bearer"})
+                     {"WWW-Authenticate": "Bearer"}, scope["path"])
 
     async def _body(self, scope, receive) -> tuple[bytes, Response | None]:
         limit = self.model.limits.max_body
-        too_big = _json(413, f"request body over this server's limit of {limit} bytes")
+        too_big = _json(413, f"request body over this server's limit of {limit} bytes", path=scope["path"])
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
             return b"", too_big
@@ -102,7 +110,7 @@ class Guard:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"", _json(400, "the client went away")
+                return b"", _json(400, "the client went away", path=scope["path"])
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -112,34 +120,39 @@ class Guard:
                 return b"".join(chunks), None
 
 
-def _replay(body: bytes):
+def _replay(body: bytes, receive):
+    """The body read once, then the connection's own messages: a streaming response
+    waits on those to learn that its client went away."""
     sent = [False]
 
-    async def receive():
+    async def replay():
         if sent[0]:
-            return {"type": "http.disconnect"}
+            return await receive()
         sent[0] = True
         return {"type": "http.request", "body": body, "more_body": False}
-    return receive
+    return replay
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    errors = exc.errors()
+    errors, path = exc.errors(), request.url.path
     if errors and errors[0].get("type") == "json_invalid":
-        return _json(400, "request body is not JSON")
+        return _json(400, "request body is not JSON", path=path)
     first = errors[0] if errors else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
     return _json(422, f"{where or 'body'}: {first.get('msg', 'invalid')}" + (
-        f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""))
+        f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""), path=path,
+        param=loc[0] if loc else None)  # the request's field; the message says where inside it
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
-    return _json(exc.status_code, str(exc.detail), exc.headers)
+    return _json(exc.status_code, str(exc.detail), exc.headers, request.url.path, getattr(exc, "param", None),
+                 getattr(exc, "code", None))
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
     log.warning("request failed: %s: %s", type(exc).__name__, exc)
-    return _json(500, f"internal error: {type(exc).__name__}")
+    return _json(500, f"internal error: {type(exc).__name__}", path=request.url.path)
 
 
 def create_app(model: ServedModel, api_key: str | None = None, on_ready=None) -> FastAPI:
@@ -155,12 +168,17 @@ def create_app(model: ServedModel, api_key: str | None = None, on_ready=None) ->
     app = FastAPI(title="mk serve", version=__version__, lifespan=lifespan, responses=ERRORS,
                   exception_handlers={RequestValidationError: _validation_error, HTTPException: _http_error,
                                       Exception: _internal_error})
-    _routes(app, model)
+    _common_routes(app, model)
+    if model.art.task == "text-generation":
+        openai_routes.add_routes(app, model)
+    else:
+        _routes(app, model)
+        openai_routes.refuse_openai_routes(app, model.name)
     app.add_middleware(Guard, model=model, api_key=api_key)
     return app
 
 
-def _routes(app: FastAPI, model: ServedModel) -> None:
+def _common_routes(app: FastAPI, model: ServedModel) -> None:
     @app.get("/v2", response_model=p.ServerMetadata)
     async def server_metadata():
         return {"name": "mk", "version": __version__, "extensions": [], "models": [model.name]}
@@ -174,17 +192,25 @@ def _routes(app: FastAPI, model: ServedModel) -> None:
     async def ready():
         return {"ready": True}  # the app only answers once the model is loaded
 
-    @app.get("/v2/models/{name}", response_model=p.ModelMetadata)
-    @app.get("/v2/models/{name}/versions/{version}", response_model=p.ModelMetadata)
-    async def model_metadata(name: str, version: str | None = None):
-        model.check_name(name, version)
-        return model.metadata()
-
     @app.get("/v2/models/{name}/ready", response_model=p.Ready)
     @app.get("/v2/models/{name}/versions/{version}/ready", response_model=p.Ready)
     async def model_ready(name: str, version: str | None = None):
         model.check_name(name, version)
         return {"ready": True}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        data, content_type = model.metrics.render()
+        return Response(data, media_type=content_type)
+
+
+def _routes(app: FastAPI, model: ServedModel) -> None:
+    """A classifier's routes: KServe v2 metadata and inference, TEI's /predict."""
+    @app.get("/v2/models/{name}", response_model=p.ModelMetadata)
+    @app.get("/v2/models/{name}/versions/{version}", response_model=p.ModelMetadata)
+    async def model_metadata(name: str, version: str | None = None):
+        model.check_name(name, version)
+        return model.metadata()
 
     @app.post(INFER_PATHS[0], response_model=p.InferResponse)
     @app.post(INFER_PATHS[1], response_model=p.InferResponse)
@@ -215,8 +241,3 @@ def _routes(app: FastAPI, model: ServedModel) -> None:
         inputs, _ = model.text_inputs(texts, pairs, truncate)
         predictions = model.tei_predictions(await model.run(inputs, request.scope), body.raw_scores)
         return JSONResponse(predictions[0] if single else predictions)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics():
-        data, content_type = model.metrics.render()
-        return Response(data, media_type=content_type)

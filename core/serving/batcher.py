@@ -149,14 +149,19 @@ class Batcher:
         try:
             logits = np.asarray(self.runtime(batch), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 — this batch's requests fail; the server keeps serving
-            log.warning("inference failed on a batch of %d: %s: %s", len(batch["input_ids"]), type(e).__name__, e)
-            error = InferenceFailed(f"inference failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                                    if str(e) else f"inference failed: {type(e).__name__}")
-            for j in jobs:
-                j.finish(error=error)
+            fail(jobs, e, len(batch["input_ids"]))
             return
         self.metrics.batch(rows=len(logits), tokens=int(batch["attention_mask"].sum()))
         r = 0
         for j in jobs:
             j.finish(logits[r:r + j.rows])
             r += j.rows
+
+
+def fail(jobs: list[Job], e: Exception, rows: int) -> None:
+    """The runtime raised on a batch: each of its requests gets the error (a 500)."""
+    log.warning("inference failed on a batch of %d: %s: %s", rows, type(e).__name__, e)
+    error = InferenceFailed(f"inference failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                            if str(e) else f"inference failed: {type(e).__name__}")
+    for j in jobs:
+        j.finish(error=error)

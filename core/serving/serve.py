@@ -48,7 +48,7 @@ def check_servable(art: Artifact) -> None:
     if art.task == "image-classification":
         raise BadInput(f"{art.path}: an image classifier; mk serve takes text only",
                        hint="measure it with `mk bench`; serve it with Triton or KServe from its ONNX export")
-    if art.task != "text-classification":
+    if art.task not in ("text-classification", "text-generation"):
         # loaded for classification, it would answer with the logits of a randomly initialised head
         raise BadInput(f"{art.path}: a {art.task} model has no classification head to serve",
                        hint="fine-tune it first with `mk tune`")
@@ -56,20 +56,27 @@ def check_servable(art: Artifact) -> None:
 
 def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
     """The runtime (through the interface `mk bench` measures), the tokenizer and the
-    batcher, warmed up on real-looking text at the batch sizes traffic will bring."""
+    batcher, warmed up on real-looking text at the batch sizes traffic will bring.
+    A causal LM is served through CausalLM (the OpenAI-compatible routes)."""
     from mk.core.runtime import load_runtime
     from mk.core.serving.metrics import Metrics
 
+    load, served, warm = load_runtime, ServedModel, warm_up
+    if art.task == "text-generation":
+        from mk.core.runtime.causal_runtime import CausalLM
+        from mk.core.serving import generation
+
+        load, served, warm = CausalLM.load, generation.GenerationModel, generation.warm_up
     try:
-        runtime = load_runtime(art, device=opts.device, threads=opts.threads)
+        runtime = load(art, device=opts.device, threads=opts.threads)
     except MkError as e:
         if str(art.path) not in e.message:
             e.message = f"{art.path}: {e.message}"
         raise
     metrics = Metrics(opts.name, {"format": art.format, "runtime": runtime.name, "device": str(runtime.device)})
-    model = ServedModel(art, opts.name, runtime, opts.limits, metrics)
+    model = served(art, opts.name, runtime, opts.limits, metrics)
     try:
-        warm_up(model)
+        warm(model)
     except Exception as e:  # noqa: BLE001 — a model that cannot answer is refused before listening
         model.batcher.stop()
         raise BadInput(f"{art.path}: cannot be served ({type(e).__name__}: {str(e).splitlines()[0][:300]})") \
