@@ -7,9 +7,11 @@ The layers, bottom up (a module imports only from its own layer or below):
   with `mk.json`), `outputs` (putting an output in place without destroying
   what mk did not make), `dataset` (a dataset artifact's splits), `device`,
   `cpu` (the CPU and its int8 path), `embedded` (the models and data that ship
-  with mk), `tokenizer_match`, `info`;
+  with mk), `gguf_import` (a GGUF file converted once into a model artifact),
+  `tokenizer_match`, `info`;
 - `runtime/`: one interface to run a model artifact (torch, ONNX Runtime,
   TensorRT), chosen by its format; unmerged LoRA adapters load there too;
+  `causal_runtime` is a causal LM's (prompts, generation, prefill, perplexity);
 - the shared measures over a runtime: `evaluation` (accuracy and macro-F1 of a
   runtime on a split) and `gate` (the paired accuracy gate of every
   compression step);
