@@ -23,10 +23,13 @@ def bench(
     url: Annotated[Optional[str], typer.Option(
         "--url", help="Load-test a running KServe v2 server (e.g. `mk serve`) instead.")] = None,
     batch_sizes: Annotated[Optional[str], typer.Option(
-        "--batch-sizes", help="Batch sizes to measure.  [default: 1,8,32; over HTTP 1]")] = None,
+        "--batch-sizes", help="Batch sizes to measure.  [default: 1,8,32; causal LMs 1,8; over HTTP 1]")] = None,
     seq_lens: Annotated[Optional[str], typer.Option(
-        "--seq-lens", help="Sequence lengths of synthetic inputs, or `data` for real test rows.  "
-                           "[default: data with --data, else 128]")] = None,
+        "--seq-lens", help="Sequence lengths of synthetic inputs, or `data` for real test rows; prompt lengths "
+                           "for causal LMs.  [default: data with --data, else 128; causal LMs 128,512]")] = None,
+    new_tokens: Annotated[Optional[int], typer.Option(
+        "--new-tokens", min=1, help="Causal LMs: tokens generated per call (greedy, EOS ignored, so runs "
+                                    "compare).  [default: 32]")] = None,
     data: options.Data = None,
     device: options.Device = "auto",
     threads: options.Threads = None,
@@ -36,14 +39,17 @@ def bench(
     iters: Annotated[Optional[int], typer.Option(
         "--iters", min=1, help="Calls per artifact and shape (requests per level over HTTP), instead of --duration.")
     ] = None,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds (A B A B …) to take medians of.")
-                      ] = 5,
-    warmup_calls: Annotated[int, typer.Option(
-        "--warmup-calls", min=1, help="Untimed calls per artifact and shape first.")] = 3,
+    rounds: Annotated[Optional[int], typer.Option(
+        "--rounds", min=1, help="Interleaved rounds (A B A B …) to take medians of.  [default: 5; causal LMs 3]")
+    ] = None,
+    warmup_calls: Annotated[Optional[int], typer.Option(
+        "--warmup-calls", min=1, help="Untimed calls per artifact and shape first.  [default: 3; causal LMs 1]")
+    ] = None,
     warmup: Annotated[Optional[int], typer.Option(
         "--warmup", min=1, hidden=True, help="Old spelling of --warmup-calls.")] = None,
     eval_limit: Annotated[Optional[int], typer.Option(
-        "--eval-limit", min=0, help="Test rows for accuracy (0 skips it).  [default: all]")] = None,
+        "--eval-limit", min=0, help="Test rows for accuracy, perplexity and exact match (0 skips them).  "
+                                    "[default: all; causal LMs 100]")] = None,
     concurrency: Annotated[str, typer.Option(
         "--concurrency", help="HTTP: concurrent clients per level.")] = "1,8,32",
     model_name: Annotated[Optional[str], typer.Option(
@@ -79,9 +85,15 @@ def bench(
     parent in the same run is flagged. The table goes to stderr; stdout gets the -o
     path, or the result as JSON with --json (schema mk.bench/1, see the README).
 
+    Causal LMs (text-generation) get prefill tokens/s, time to first token, decode
+    tokens/s and inter-token latency at each batch size and prompt length, generating
+    --new-tokens tokens a call, and perplexity (exact match when the dataset has
+    answers) on the test split. One call measures models of one task.
+
     \b
       mk bench tuned onnx int8 --batch-sizes 1,32 -o bench.json --plot bench.png
       mk bench int8 --baseline bench.json --max-regress 5%      # exit 3 on a regression
+      mk bench smollm2 tuned-llm --seq-lens 128 --new-tokens 32 --data gen-data
       mk bench --url http://127.0.0.1:8000 --concurrency 1,8,32 --duration 20 --data data
     """
     from mk.core.measurement.bench_report import check_paths
@@ -105,6 +117,8 @@ def bench(
     if url is not None:
         if artifacts:
             raise BadInput("give artifacts or --url, not both")
+        if new_tokens is not None:
+            raise BadInput("--new-tokens: over HTTP mk bench load-tests a KServe v2 server, which does not generate")
         from mk.core.measurement import http_bench
         from mk.core.measurement.bench import parse_ints, parse_seq_lens
 
@@ -124,12 +138,11 @@ def bench(
 
         paths = artifacts or read_piped("artifact paths", hint="pass artifact folders (or `minilm`), pipe their paths "
                                                                 "on stdin, or pass --url URL to load-test a server")
-        settings = core_bench.Settings(
-            batch_sizes=core_bench.parse_ints(batch_sizes if batch_sizes is not None else "1,8,32", "--batch-sizes"),
-            seq_lens=core_bench.parse_seq_lens(seq_lens if seq_lens is not None
-                                               else ("data" if data is not None else "128")),
+        settings = core_bench.Settings(  # a None takes the default of the models' task
+            batch_sizes=core_bench.parse_ints(batch_sizes, "--batch-sizes") if batch_sizes is not None else None,
+            seq_lens=core_bench.parse_seq_lens(seq_lens) if seq_lens is not None else None,
             device=device, threads=threads, duration=duration, iters=iters, rounds=rounds, warmup=warmup_calls,
-            data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle)
+            data=data, eval_limit=eval_limit, seed=seed, trust_pickle=trust_pickle, new_tokens=new_tokens)
         result = core_bench.run(paths, settings)
     _finish(result, output, plot, (base, allowance, baseline, renames), as_json, force)
 

@@ -49,18 +49,12 @@ def offline_tables(result: dict):
         if previous is not None and shape != previous:
             speed.add_section()
         previous = shape
-        lat, thr, su, vp = row["latency_ms"], row["throughput"], row["speedup"], row["vs_parent"]
-        if vp is None:
-            parent = ""
-        elif vp["faster"]:
-            parent = f"[green]{vp['median']:.2f}× {vp['parent']}[/]"
-        else:
-            parent = f"[bold yellow]⚠ no faster ({_fmt(vp['median'], '.2f')}× {vp['parent']})[/]"
+        lat, thr, su = row["latency_ms"], row["throughput"], row["speedup"]
         seq = row["seq_len"] if row["seq_len"] != "data" else f"data≈{_fmt(row.get('padded_len'), '.0f')}"
         speed.add_row(row["artifact"], runtimes.get(row["artifact"], ""), str(row["batch_size"]), str(seq),
                       _num(lat["p50"]), _num(lat["p90"]), _num(lat["p99"]),
                       _num(thr["median"], 4), _fmt(thr["spread_pct"], ".0f"),
-                      f"{_fmt(su['median'], '.2f')}×", parent)
+                      f"{_fmt(su['median'], '.2f')}×", _vs_parent(row["vs_parent"]))
 
     arts = Table(title="mk bench: artifacts", title_justify="left")
     for col, just in (("artifact", "left"), ("format", "left"), ("size", "right"), ("params", "right"),
@@ -73,6 +67,48 @@ def offline_tables(result: dict):
                      _fmt(a["load_s"], ".2f"), _bytes(a["load_rss_bytes"]), _bytes(a["peak_rss_bytes"]),
                      _bytes(a["gpu_peak_bytes"]) if gpu else "–",
                      _fmt(a["accuracy"], ".4f"), _fmt(a["macro_f1"], ".4f"), a["parent"] or "")
+    return speed, arts
+
+
+def _vs_parent(vp) -> str:
+    if vp is None:
+        return ""
+    if vp["faster"]:
+        return f"[green]{vp['median']:.2f}× {vp['parent']}[/]"
+    return f"[bold yellow]⚠ no faster ({_fmt(vp['median'], '.2f')}× {vp['parent']})[/]"
+
+
+def causal_tables(result: dict):
+    """(generation table, artifact table) of a text-generation result as rich Tables."""
+    from rich.table import Table
+
+    n = result["settings"]["new_tokens"]
+    speed = Table(title=f"mk bench: generation ({n} new tokens a call, greedy)", title_justify="left")
+    for col in ("artifact", "batch", "prompt", "prefill tok/s", "TTFT p50 ms", "decode tok/s", "±%",
+                "ITL p50 ms", "ITL p99 ms", "speed-up", "vs parent"):
+        speed.add_column(col, justify="left" if col in ("artifact", "vs parent") else "right",
+                         no_wrap=col != "artifact")
+    previous = None
+    for row in result["results"]:
+        shape = (row["batch_size"], row["seq_len"])
+        if previous is not None and shape != previous:
+            speed.add_section()
+        previous = shape
+        itl, thr = row["latency_ms"], row["throughput"]
+        speed.add_row(row["artifact"], str(row["batch_size"]), str(row["seq_len"]),
+                      _num(row["prefill"]["tokens_per_s"]["median"], 4), _num(row["ttft_ms"]["p50"]),
+                      _num(thr["median"], 4), _fmt(thr["spread_pct"], ".0f"), _num(itl["p50"]), _num(itl["p99"]),
+                      f"{_fmt(row['speedup']['median'], '.2f')}×", _vs_parent(row["vs_parent"]))
+
+    arts = Table(title="mk bench: artifacts", title_justify="left")
+    for col in ("artifact", "runtime", "size", "params", "load s", "peak RSS", "GPU peak", "perplexity",
+                "exact match", "parent"):
+        arts.add_column(col, justify="left" if col in ("artifact", "runtime", "parent") else "right",
+                        no_wrap=col != "artifact")
+    for a in result["artifacts"]:
+        arts.add_row(a["name"], f"{a['runtime']} {a['device']}", _bytes(a["size_bytes"]), _params(a["parameters"]),
+                     _fmt(a["load_s"], ".2f"), _bytes(a["peak_rss_bytes"]), _bytes(a["gpu_peak_bytes"]),
+                     _num(a["perplexity"], 4), _fmt(a["accuracy"], ".4f"), a["parent"] or "")
     return speed, arts
 
 
@@ -98,15 +134,21 @@ def print_report(result: dict, console=None) -> None:
         from mk.core.console import console
     env = result["environment"]
     if result["mode"] == "offline":
-        for table in offline_tables(result):
+        causal = result.get("task") == "text-generation"
+        for table in (causal_tables if causal else offline_tables)(result):
             console.print(table)
         threads = env["threads"]["used"]
         gpu = f", GPU {env['gpu']['name']}" if env.get("gpu") else ""
         s = result["settings"]
-        how = f"{s['iters']} calls" if s.get("iters") else f"{s['duration_s'] or 3.0:g} s"
-        console.print(f"[dim]{env['cpu']}, {env['cores_physical']} cores, {threads} threads{gpu}; "
-                      f"{how} per artifact and shape in {s['rounds']} interleaved rounds after "
-                      f"{s['warmup']} warm-up calls; medians, ±% = spread of rounds[/]",
+        if causal:
+            how = f"{-(-s['iters'] // s['rounds']) if s.get('iters') else 1} generation call(s)"
+        else:
+            how = f"{s['iters']} calls" if s.get("iters") else f"{s['duration_s'] or 3.0:g} s"
+        load = (env.get("load_average") or {}).get("before") if causal else None  # encoders' line as it was
+        console.print(f"[dim]{env['cpu']}, {env['cores_physical']} cores, {threads} threads{gpu}"
+                      f"{f', load average {load:g}' if load is not None else ''}; "
+                      f"{how} per artifact and shape{' a round' if causal else ''} in {s['rounds']} interleaved "
+                      f"rounds after {s['warmup']} warm-up calls; medians, ±% = spread of rounds[/]",
                       markup=True, highlight=False)
     else:
         console.print(http_table(result))

@@ -18,9 +18,26 @@ def prep(
     source: Annotated[Optional[str], options.input_argument(
         "CSV, TSV, JSONL or Parquet file, a folder of class sub-folders (.txt files or images), "
         "or the embedded dataset `tweets`.")] = None,
-    tokenizer: Annotated[str, typer.Option(
-        "--tokenizer", "--model", help="Model whose tokenizer (or image processor) to use: a model folder, "
-        "an artifact, or `minilm`.")] = "minilm",
+    tokenizer: Annotated[Optional[str], typer.Option(
+        "--tokenizer", "--model", show_default=False,
+        help="Model whose tokenizer (or image processor) to use: a model folder, an artifact, a .gguf file, "
+        "`minilm` or `smollm2`.  [default: minilm; smollm2 with --task generate]")] = None,
+    task: Annotated[str, typer.Option(
+        "--task", help="classify: text → label.  generate: prompt → completion for a causal LM, from "
+        "prompt/completion columns, a chat `messages` column, or labelled rows turned into instructions "
+        "(\"Classify the sentiment of this tweet as negative, neutral or positive.\" → positive).  "
+        "auto: generate when the source has prompt/completion or messages columns.")] = "auto",
+    prompt_col: Annotated[Optional[str], typer.Option(
+        "--prompt-col", help="--task generate: the prompt column.  [default: prompt]", show_default=False)] = None,
+    completion_col: Annotated[Optional[str], typer.Option(
+        "--completion-col", help="--task generate: the completion column.  [default: completion]",
+        show_default=False)] = None,
+    messages_col: Annotated[Optional[str], typer.Option(
+        "--messages-col", help="--task generate: a column of chat messages, lists of {role, content} whose "
+        "last turn, the assistant's, is the completion.  [default: messages]", show_default=False)] = None,
+    pack: Annotated[bool, typer.Option(
+        "--pack", help="--task generate: pack short training examples into rows of --max-length tokens "
+        "(val/test keep one example a row).")] = False,
     text_col: Annotated[Optional[str], typer.Option("--text-col", help="Text column (detected when omitted).")] = None,
     text_pair_col: Annotated[Optional[str], typer.Option(
         "--text-pair-col", help="Second text column, for sentence-pair tasks.")] = None,
@@ -51,6 +68,20 @@ def prep(
     duplicates (also those across splits); splits are stratified by label and
     reproducible with --seed. --max-length defaults to the 95th percentile of
     the token lengths, rounded up to a multiple of 8. Prints the artifact's path.
+
+    --task generate makes (prompt, completion) examples for a causal LM from
+    prompt/completion columns or a chat `messages` column (either picks the task
+    by itself), or from labelled rows turned into instructions whose answer is the
+    label:
+
+    \b
+        mk prep tweets --task generate -o data-gen
+        mk prep chats.jsonl --pack --max-length 512 -o data-gen
+
+    The tokenizer is then smollm2's unless --tokenizer names another; its chat
+    template is applied as at inference, the loss falls on the completion's
+    tokens only (end of turn included), and rows whose prompt alone fills
+    --max-length are dropped and counted, never cut.
     """
     from mk.core.data.prep import PrepOptions, parse_split
     from mk.core.data.prep import prep as run_prep
@@ -58,7 +89,8 @@ def prep(
     opts = PrepOptions(tokenizer=tokenizer, text_col=text_col, text_pair_col=text_pair_col, label_col=label_col,
                        split_col=split_col, val=val, test=test, split=parse_split(split), seed=seed,
                        max_length=max_length, sample=sample, skip_bad=skip_bad, encoding=encoding,
-                       encoding_errors=encoding_errors, force=force)
+                       encoding_errors=encoding_errors, force=force, task=task, prompt_col=prompt_col,
+                       completion_col=completion_col, messages_col=messages_col, pack=pack)
     src = source if source is not None else str(read_input(None, "data source"))
     result = run_prep(src, output, opts)
     show(Path(result["path"]), result, as_json, human=_summary)
@@ -80,7 +112,13 @@ def _summary(r: dict) -> None:
     console.print(t)
     steps = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in r["cleaning"].items())
     console.print(f"cleaning: {steps}", soft_wrap=True)
-    if "max_length" in r:
+    gen = r.get("generation")
+    if gen:
+        packed = f"; {r['splits']['train']:,} training examples packed into {gen['train_rows']:,} rows" \
+            if gen["packed"] else ""
+        console.print(f"max length {r['max_length']} ({r['max_length_from']}); completion cut short in "
+                      f"{r['truncation_rate']:.1%} of examples{packed}", soft_wrap=True)
+    elif "max_length" in r:
         console.print(f"max length {r['max_length']} ({r['max_length_from']}); "
                       f"truncated {r['truncation_rate']:.1%} of rows", soft_wrap=True)
     console.print(f"{r['seconds']:.1f} s", style="dim")

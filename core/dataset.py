@@ -98,7 +98,8 @@ def save_split(root: Path, split: str, arrays: dict[str, np.ndarray]) -> Path:
 _ST_DTYPES = {np.dtype(np.int32): "I32", np.dtype(np.int8): "I8", np.dtype(np.int64): "I64",
               np.dtype(np.float32): "F32"}
 SPLIT_DTYPES = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8,
-                "labels": np.int64, "pixel_values": np.float32}
+                "labels": np.int64, "pixel_values": np.float32,
+                "prompt_lengths": np.int32}  # generation datasets: prompt tokens per row
 
 
 class SplitWriter:
@@ -136,10 +137,15 @@ class SplitWriter:
 
     def write(self, positions: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         """Put row i of every array at row positions[i] of the split."""
-        import mmap
-
         for name, values in arrays.items():
             self.arrays[name][positions] = values
+        self.flush()
+
+    def flush(self) -> None:
+        """Write out what was put in `arrays` and drop its pages (after writes
+        into parts of rows, as packing does)."""
+        import mmap
+
         if self._map is not None:
             self._map.flush()
             self._map.madvise(mmap.MADV_DONTNEED)

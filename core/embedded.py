@@ -27,6 +27,7 @@ class EmbeddedSource:
     label_col: str
     encoding: str  # the file has stray non-UTF-8 bytes; read lossily
     about: str
+    item: str = "text"  # what one row is, in words (the instruction recipe of `mk prep --task generate`)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ EMBEDDED_DATA = {
         label_col="sentiment",
         encoding="utf8-lossy",
         about="38,158 crowd-labelled tweets about self-driving cars: negative / neutral / positive",
+        item="tweet",
     )
 }
 DEFAULT_DATA = "tweets"

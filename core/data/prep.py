@@ -32,7 +32,7 @@ from mk.core.artifact import write_manifest
 from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import SPLITS, SplitWriter
-from mk.core.embedded import DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
+from mk.core.embedded import DEFAULT_LLM, DEFAULT_MODEL, EMBEDDED_DATA, resolve_model
 from mk.core.errors import BadInput, library_error
 from mk.core.data.sources import SPLIT_NAMES, Columns, ImageFolder, Table, TextEncoding, detect_columns, open_source
 
@@ -51,9 +51,12 @@ IMAGE_BATCH = 64
 POOL = -1                # a row whose split is still to be carved out by --split
 
 
+TASKS = ("auto", "classify", "generate")
+
+
 @dataclass
 class PrepOptions:
-    tokenizer: str = DEFAULT_MODEL
+    tokenizer: str | None = None       # the task's default: minilm to classify, smollm2 to generate
     text_col: str | None = None
     text_pair_col: str | None = None
     label_col: str | None = None
@@ -68,6 +71,15 @@ class PrepOptions:
     encoding: str = "utf-8"            # of text files: any codec Python knows
     encoding_errors: str = "strict"    # or "replace": U+FFFD for bad bytes, counted
     force: bool = False
+    task: str = "auto"                 # classify, generate, or auto: generate when the source has
+                                       # prompt/completion or messages columns
+    prompt_col: str | None = None      # --task generate: the columns of the examples
+    completion_col: str | None = None
+    messages_col: str | None = None
+    pack: bool = False                 # --task generate: pack short train examples into --max-length rows
+
+    def tokenizer_for(self, generate: bool) -> str:
+        return self.tokenizer or (DEFAULT_LLM if generate else DEFAULT_MODEL)
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -123,11 +135,11 @@ def tokenizer_identity(tok) -> dict:
         "vocab_sha256": digest.hexdigest(),
         "special_tokens": special,
         "special_token_ids": {role: tok.convert_tokens_to_ids(t) for role, t in special.items()},
-        "model_max_length": _model_limit(tok),
+        "model_max_length": model_limit(tok),
     }
 
 
-def _model_limit(tok) -> int | None:
+def model_limit(tok) -> int | None:
     """The longest input the model takes: the tokenizer's model_max_length when set,
     else the config's max_position_embeddings beside it."""
     limit = getattr(tok, "model_max_length", None)
@@ -156,7 +168,7 @@ class TextEncoder:
         else:
             self.backend.no_truncation()
         self.max_length = max_length
-        self.max_chars = CHARS_PER_TOKEN * (max_length or _model_limit(tok) or UNLIMITED_TOKENS)
+        self.max_chars = CHARS_PER_TOKEN * (max_length or model_limit(tok) or UNLIMITED_TOKENS)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.left = getattr(tok, "padding_side", "right") == "left"
 
@@ -221,6 +233,17 @@ class Plan:
         return {s: {name: int(np.sum((self.split == i) & (self.label == j))) for j, name in enumerate(self.names)}
                 for i, s in enumerate(SPLITS)}
 
+    def keep(self, mask: np.ndarray) -> "Plan":
+        """The plan without the rows `mask` leaves out; each split keeps its shuffled
+        order (positions close up), so the same seed still gives the same files."""
+        pos = np.zeros(int(mask.sum()), np.int64)
+        split = self.split[mask]
+        for i in range(len(SPLITS)):
+            members = np.flatnonzero(split == i)
+            pos[members] = np.argsort(np.argsort(self.pos[mask][members], kind="stable"), kind="stable")
+        return Plan(names=self.names, src=self.src[mask], row=self.row[mask], label=self.label[mask], split=split,
+                    pos=pos, cleaning=dict(self.cleaning, rows_kept=int(mask.sum())))
+
 
 def _split_code(value) -> int | None:
     return SPLITS.index(SPLIT_NAMES[value.strip().lower()]) if isinstance(value, str) and \
@@ -240,7 +263,9 @@ def _label_expr(column: str, dtype):
 
 def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
     """Pass 1 over the tables: one small row per input row, and the cleaning
-    counts of the steps that need no comparison between rows."""
+    counts of the steps that need no comparison between rows. Without a label
+    column (prompt/completion data) every row has the label "" and the key hashes
+    text and pair together."""
     import polars as pl
 
     frames, numeric = [], True
@@ -256,8 +281,8 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
         if nested:
             raise BadInput(f"{table.name}: column {nested[0]!r} holds nested values ({schema[nested[0]]}), "
                            "not plain text or labels", hint="flatten it first, or name another column")
-        ldt = schema[cols.label]
-        numeric &= ldt == pl.Boolean or ldt.is_numeric()
+        ldt = schema[cols.label] if cols.label else pl.String
+        numeric &= cols.label is not None and (ldt == pl.Boolean or ldt.is_numeric())
         raw = [pl.col(c).cast(pl.String) for c in (cols.text, cols.pair) if c]
         stripped = [r.str.strip_chars() for r in raw]
         empty = pl.any_horizontal([s.is_null() | (s == "") for s in stripped])
@@ -265,7 +290,7 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
         key = stripped[0].hash() if len(stripped) == 1 else pl.struct(*[s.alias(f"_{j}") for j, s in
                                                                         enumerate(stripped)]).hash()
         exprs = [pl.lit(i, pl.Int16).alias("_src"), pl.col("_row"), key.alias("_key"),
-                 _label_expr(cols.label, ldt).alias("_label"), empty.alias("_empty"),
+                 (_label_expr(cols.label, ldt) if cols.label else pl.lit("", pl.String)).alias("_label"), empty.alias("_empty"),
                  changed.alias("_changed")]
         if table.split is not None:
             exprs.append(pl.lit(SPLITS.index(table.split), pl.Int8).alias("_split"))
@@ -307,9 +332,10 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
 
 
 def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
-              sources: list[str] | None = None) -> Plan:
+              sources: list[str] | None = None, labelled: bool = True) -> Plan:
     """Deduplicate, name labels, sample, carve the splits and shuffle, all seeded.
-    `sources` names the tables by their `_src` index, for messages about one row."""
+    `sources` names the tables by their `_src` index, for messages about one row.
+    Unlabelled rows (all labelled "") are one class: a plain seeded split."""
     import polars as pl
 
     rng = np.random.default_rng(opts.seed)
@@ -335,7 +361,7 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
         where = sources[int(unseen["_src"][0])] if sources else what
         raise BadInput(f"{where}: {sp} label {name!r} ({int((unseen['_label'] == name).sum())} rows) never appears "
                        "in training", hint="a model cannot predict a class it never saw; fix the labels or the split")
-    if len(names) < 2:
+    if labelled and len(names) < 2:
         raise BadInput(f"{what}: only one class ({names[0]!r}) after cleaning; classification needs two or more",
                        hint="check --label-col")
     src, row = frame["_src"].to_numpy(), frame["_row"].to_numpy()
@@ -359,7 +385,7 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
             sizes = allocate(len(members), fractions)
             if min(sizes) == 0:
                 sampled = counts.get("sampled_out")
-                raise BadInput(f"{what}: class {name!r} has {len(members)} example(s) after "
+                raise BadInput(f"{what}: {f'class {name!r} has ' if labelled else ''}{len(members)} example(s) after "
                                f"{f'--sample {opts.sample}' if sampled else 'cleaning'}, too few to "
                                f"put one in each of {', '.join(SPLITS[t] for t in targets)}",
                                hint="raise --sample" if sampled else
@@ -430,7 +456,7 @@ def _describe(counts: dict) -> str:
 
 # ---------------------------------------------------------------- text pass 2
 
-def _text_chunks(table: Table, cols: Columns, rows: np.ndarray, chunk: int = CHUNK_ROWS):
+def text_chunks(table: Table, cols: Columns, rows: np.ndarray, chunk: int = CHUNK_ROWS):
     """Stream (row numbers, texts, pairs) of the wanted rows of a table, in order."""
     import polars as pl
 
@@ -465,16 +491,26 @@ def choose_max_length(tables, cols, plan: Plan, encoder: TextEncoder, limit: int
         rows = plan.row[pick[plan.src[pick] == i]]
         if not rows.size:
             continue
-        for _, texts, pairs in _text_chunks(table, cols, np.sort(rows)):
+        for _, texts, pairs in text_chunks(table, cols, np.sort(rows)):
             lengths.append(encoder.lengths(texts, pairs))
-    lengths = np.concatenate(lengths)
+    return length_from(np.concatenate(lengths), limit, "training texts")
+
+
+def length_from(lengths: np.ndarray, limit: int | None, what: str) -> tuple[int, str]:
+    """The 95th percentile of `lengths`, rounded up to a multiple of 8, capped by
+    the model's limit; and how it was chosen, in words."""
     p = float(np.percentile(lengths, LENGTH_PERCENTILE))
     chosen = max(8, int(math.ceil(p / 8) * 8))
     capped = limit is not None and chosen > limit
     chosen = min(chosen, limit) if limit else chosen
-    how = (f"{LENGTH_PERCENTILE}th percentile of the token lengths of {len(lengths):,} training texts "
+    how = (f"{LENGTH_PERCENTILE}th percentile of the token lengths of {len(lengths):,} {what} "
            f"({p:.0f}), rounded up to a multiple of 8" + (f", capped by the model's limit {limit}" if capped else ""))
     return chosen, how
+
+
+def check_max_length(max_length: int, limit: int | None) -> None:
+    if limit is not None and max_length > limit:
+        raise BadInput(f"--max-length {max_length} exceeds the model's limit of {limit} tokens")
 
 
 def write_text_splits(root: Path, tables, cols: Columns, plan: Plan, encoder: TextEncoder) -> dict[str, float]:
@@ -499,7 +535,7 @@ def write_text_splits(root: Path, tables, cols: Columns, plan: Plan, encoder: Te
                     continue
                 lookup = np.full(int(plan.row[mine].max()) + 1, -1, np.int64)
                 lookup[plan.row[mine]] = mine
-                for rows, texts, pairs in _text_chunks(table, cols, np.sort(plan.row[mine])):
+                for rows, texts, pairs in text_chunks(table, cols, np.sort(plan.row[mine])):
                     arrays, cut = encoder.encode(texts, pairs)
                     idx = lookup[rows]
                     for i, s in enumerate(SPLITS):
@@ -616,11 +652,18 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
         if isinstance(main, ImageFolder):
             if any(not isinstance(s, ImageFolder) for s in extra):
                 raise BadInput(f"{what}: an image folder's --val/--test must be image folders too")
+            if opts.task == "generate":
+                raise BadInput(f"{what}: an image folder; --task generate takes text (prompt/completion, "
+                               "messages or labelled text)")
             result = _prep_images(tmp, sources, opts, what)
         else:
             if any(isinstance(s, ImageFolder) for s in extra):
                 raise BadInput(f"{what}: holds text, but --val/--test name an image folder")
-            result = _prep_text(tmp, sources, opts, what)
+            from mk.core.data import generation  # it builds on this module's passes
+            if generation.wanted(main, opts):
+                result = generation.prep_generation(tmp, sources, opts, what)
+            else:
+                result = _prep_text(tmp, sources, opts, what)
         result["sources"] = [dict(f, role=s.split or "main") for s in sources for f in s.files]
         write_manifest(tmp, kind="dataset", format="safetensors", task=result["task"], labels=result["labels"],
                        **{k: v for k, v in result.items() if k not in ("labels", "task")})
@@ -630,8 +673,39 @@ def prep(source: str | Path, out: str | Path, opts: PrepOptions | None = None) -
 
 
 def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> dict:
+    tok = load_tokenizer(opts.tokenizer_for(generate=False))  # a wrong --tokenizer fails before the data is read
+    cols = labelled_columns(tables, opts)
+    frame, counts, numeric = scan_rows(tables, cols)
+    if opts.encoding_errors == "replace":
+        counts["bytes_replaced"] = sum(t.replaced for t in tables)
+    plan = plan_rows(frame, counts, numeric, opts, what, [t.name for t in tables])
+    limit = model_limit(tok)
+    encoder = TextEncoder(tok, None)
+    if opts.max_length is not None:
+        check_max_length(opts.max_length, limit)
+        max_length, how = opts.max_length, "--max-length"
+    else:
+        max_length, how = choose_max_length(tables, cols, plan, encoder, limit, opts.seed)
+    log.info("max length %d: %s", max_length, how)
+    encoder = TextEncoder(tok, max_length)
+    truncation = write_text_splits(tmp, tables, cols, plan, encoder)
+    tok.save_pretrained(str(tmp))
+    return {
+        "task": "text-classification",
+        **plan_fields(plan, opts),
+        "max_length": max_length,
+        "max_length_from": how,
+        "truncation_rate": round(truncation.pop("all"), 6),
+        "truncation_by_split": {k: round(v, 6) for k, v in truncation.items()},
+        "columns": {"text": cols.text, "text_pair": cols.pair, "label": cols.label, "split": cols.split},
+        "tokenizer": tokenizer_identity(tok),
+    }
+
+
+def labelled_columns(tables: list[Table], opts: PrepOptions) -> Columns:
+    """The text (and pair), label and split columns: named, known for the embedded
+    data, or detected (and said); the --val/--test tables must hold them too."""
     main = tables[0]
-    tok = load_tokenizer(opts.tokenizer)  # a wrong --tokenizer fails before the data is read
     embedded = EMBEDDED_DATA.get(main.embedded) if main.embedded else None
     columns = main.columns()
     if main.format == "text-folder":
@@ -645,42 +719,22 @@ def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> 
         if cols.detected:
             log.info("columns: %s (detected; name them with --text-col/--text-pair-col/--label-col/--split-col)",
                      ", ".join(cols.detected))
-    for extra in tables[1:]:
+    check_columns(tables[1:], cols)
+    return cols
+
+
+def check_columns(tables: list[Table], cols: Columns) -> None:
+    """The --val/--test tables hold the main table's columns."""
+    for extra in tables:
         if extra.format != "text-folder":
             names = extra.columns()
             missing = [c for c in (cols.text, cols.pair, cols.label) if c and c not in names]
             if missing:
                 raise BadInput(f"{extra.name}: no column {', '.join(map(repr, missing))}; its columns are: "
                                + ", ".join(map(repr, names)))
-    frame, counts, numeric = scan_rows(tables, cols)
-    if opts.encoding_errors == "replace":
-        counts["bytes_replaced"] = sum(t.replaced for t in tables)
-    plan = plan_rows(frame, counts, numeric, opts, what, [t.name for t in tables])
-    limit = _model_limit(tok)
-    encoder = TextEncoder(tok, None)
-    if opts.max_length is not None:
-        if limit is not None and opts.max_length > limit:
-            raise BadInput(f"--max-length {opts.max_length} exceeds the model's limit of {limit} tokens")
-        max_length, how = opts.max_length, "--max-length"
-    else:
-        max_length, how = choose_max_length(tables, cols, plan, encoder, limit, opts.seed)
-    log.info("max length %d: %s", max_length, how)
-    encoder = TextEncoder(tok, max_length)
-    truncation = write_text_splits(tmp, tables, cols, plan, encoder)
-    tok.save_pretrained(str(tmp))
-    return {
-        "task": "text-classification",
-        **_plan_fields(plan, opts),
-        "max_length": max_length,
-        "max_length_from": how,
-        "truncation_rate": round(truncation.pop("all"), 6),
-        "truncation_by_split": {k: round(v, 6) for k, v in truncation.items()},
-        "columns": {"text": cols.text, "text_pair": cols.pair, "label": cols.label, "split": cols.split},
-        "tokenizer": tokenizer_identity(tok),
-    }
 
 
-def _plan_fields(plan, opts: PrepOptions) -> dict:
+def plan_fields(plan, opts: PrepOptions) -> dict:
     """What the manifest says of labels, splits and cleaning, for text and images alike."""
     return {"labels": plan.names, "splits": plan.counts(), "label_counts": plan.label_counts(),
             "cleaning": plan.cleaning, "split_fractions": list(opts.split), "seed": opts.seed,
@@ -690,14 +744,14 @@ def _plan_fields(plan, opts: PrepOptions) -> dict:
 
 
 def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what: str) -> dict:
-    processor = load_image_processor(opts.tokenizer)
+    processor = load_image_processor(opts.tokenizer_for(generate=False))
     frame, counts, paths = scan_images(folders, opts.skip_bad)
     plan = plan_rows(frame, counts, False, opts, what)
     shape = write_image_splits(tmp, paths, plan, processor)
     processor.save_pretrained(str(tmp))
     return {
         "task": "image-classification",
-        **_plan_fields(plan, opts),
+        **plan_fields(plan, opts),
         "image_size": list(shape),
         "image_processor": {"class": type(processor).__name__},
     }

@@ -388,7 +388,7 @@ def _bad_row(table: Table) -> int | None:
 @dataclass
 class Columns:
     text: str
-    label: str
+    label: str | None  # None: unlabelled examples (prompt/completion)
     pair: str | None = None
     split: str | None = None
     detected: list[str] = field(default_factory=list)  # which were chosen by name

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,24 +38,43 @@ SCHEMA = "mk.bench/1"
 NOISE = 1.05
 SETTLE_S = 0.05  # pause between artifacts' blocks: OpenMP / ORT worker threads spin a while after a call
 DATA = "data"  # the --seq-lens entry that means real inputs from the dataset
+CAUSAL = "text-generation"
+DEFAULTS = {
+    "encoder": {"batch_sizes": [1, 8, 32], "seq_lens": [128], "rounds": 5, "warmup": 3},
+    CAUSAL: {"batch_sizes": [1, 8], "seq_lens": [128, 512], "rounds": 3, "warmup": 1, "eval_limit": 100,
+             "new_tokens": 32},
+}
 
 
 # ---------------------------------------------------------------- settings ---
 
 @dataclass
 class Settings:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
-    seq_lens: list = field(default_factory=lambda: [128])  # ints, or DATA for real inputs
+    """What to measure. A None is the default of the models' task (`DEFAULTS`)."""
+
+    batch_sizes: list[int] | None = None
+    seq_lens: list | None = None   # ints, or DATA for real inputs; prompt lengths for causal LMs
     device: str = "auto"
     threads: int | None = None
     duration: float | None = None  # measured seconds per artifact and shape
     iters: int | None = None       # or measured calls per artifact and shape
-    rounds: int = 5
-    warmup: int = 3
+    rounds: int | None = None
+    warmup: int | None = None
     data: Path | None = None
     eval_limit: int | None = None  # test rows for accuracy; 0 skips it
     seed: int = 0
     trust_pickle: bool = False     # allow pytorch_model.bin (it can run code when loaded)
+    new_tokens: int | None = None  # causal LMs: tokens generated per call (greedy, EOS ignored)
+
+    def resolved(self, task: str) -> "Settings":
+        """These settings with every None given its task's default (a generation
+        call costs seconds on a CPU: fewer rounds, fewer shapes, bounded rows)."""
+        from dataclasses import replace
+
+        d = dict(DEFAULTS[CAUSAL if task == CAUSAL else "encoder"])
+        if task != CAUSAL and self.data is not None:
+            d["seq_lens"] = [DATA]
+        return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
 
     def per_round(self) -> tuple[int | None, float | None]:
         """(calls, seconds) each artifact gets in each round."""
@@ -332,13 +351,15 @@ def _named(art: Artifact, e: Exception, what: str) -> MkError:
     return BadInput(f"{art.path}: {what} ({type(e).__name__}: {first_line(e)})")
 
 
-def load(entry: Entry, device: str, threads: int, mem: PeakRSS) -> None:
+def load(entry: Entry, device: str, threads: int, mem: PeakRSS, loader=None) -> None:
+    """Load one artifact (through `loader(art, device, threads)`, by default the
+    runtime its format has), timing it and the memory it takes."""
     from mk.core.runtime import load_runtime
 
     before = mem.rss()
     t0 = time.perf_counter()
     try:
-        entry.runtime = load_runtime(entry.art, device=device, threads=threads)
+        entry.runtime = (loader or load_runtime)(entry.art, device, threads)
     except Exception as e:  # noqa: BLE001 — every failure to load names the artifact
         raise _named(entry.art, e, "cannot be loaded") from None
     _sync(entry)
@@ -447,6 +468,15 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     names = unique_names(arts, given or paths)
     parents = find_parents(arts)
     entries = [Entry(i, n, a, parent=p) for i, (n, a, p) in enumerate(zip(names, arts, parents))]
+    task = one_task(arts)
+    settings = settings.resolved(task)
+    if task == CAUSAL:
+        from mk.core.measurement.bench_causal import run_causal
+
+        return run_causal(entries, settings)
+    if settings.new_tokens is not None:
+        raise BadInput("--new-tokens: only text-generation models generate; "
+                       f"{arts[0].path} is a {arts[0].task or 'non-generative'} model")
     threads = settings.threads or default_threads()
     dataset = _dataset(arts, settings)
     vocab = _check_shapes(arts, settings)
@@ -497,15 +527,31 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
     }
 
 
-def _dataset(arts: list[Artifact], settings: Settings) -> Artifact | None:
+def one_task(arts: list[Artifact]) -> str | None:
+    """The task every artifact of the run shares: a causal LM and an encoder measure
+    different things (tokens/s against samples/s), so one run never mixes them."""
+    causal = [a for a in arts if a.task == CAUSAL]
+    if causal and len(causal) < len(arts):
+        other = next(a for a in arts if a.task != CAUSAL)
+        raise BadInput(f"{other.path}: is a {other.task or 'non-generative'} model and {causal[0].path} a "
+                       "text-generation model; mk bench compares models of one task",
+                       hint="bench the causal LMs and the encoders in separate calls")
+    return CAUSAL if causal else (arts[0].task if arts else None)
+
+
+def _dataset(arts: list[Artifact], settings: Settings, task: str | None = None) -> Artifact | None:
     """--data, else the dataset of the first lineage that names one; checked against
-    every text model's tokenizer when its rows will be fed to them."""
+    every text model's tokenizer when its rows will be fed to them (and, for causal
+    LMs, to be a generation dataset)."""
     from mk.core.dataset import lineage_dataset, open_dataset
 
     if settings.data is not None:
         dataset = open_dataset(settings.data)
     else:
         dataset = next((d for a in arts if (d := lineage_dataset(a)) is not None), None)
+    if task == CAUSAL and dataset is not None and dataset.task != CAUSAL:
+        raise BadInput(f"{dataset.path}: is a {dataset.task or 'classification'} dataset; a causal LM is "
+                       "measured on a text-generation dataset", hint="make one with `mk prep --task generate`")
     if DATA in settings.seq_lens and dataset is None:
         raise BadInput("--seq-lens data: no dataset to take real inputs from",
                        hint="pass --data DATASET (made by `mk prep`)")
@@ -514,7 +560,7 @@ def _dataset(arts: list[Artifact], settings: Settings) -> Artifact | None:
         from mk.core.tokenizer_match import check_same_tokenizer
 
         for a in arts:
-            if a.task == "text-classification":
+            if a.task in ("text-classification", CAUSAL):
                 check_same_tokenizer(dataset, a.path)
     return dataset
 
@@ -546,29 +592,35 @@ def _shape_rows(entries: list[Entry], measured: dict, where: tuple, tokens: tupl
     first artifact and against its parent (a parent no slower is warned about)."""
     b, s, shape = where
     real, width = tokens
-    first = measured[entries[0].index]["throughputs"]
     rows = []
     for e in entries:
         m = measured[e.index]
-        row = {
+        rows.append({
             "artifact": e.name, "batch_size": b, "seq_len": s,
             "tokens_per_sample": real, "padded_len": width,
             "calls": len(m["latencies"]), "rounds": settings.rounds,
             "latency_ms": percentiles(m["latencies"]),
             "throughput": spread(m["throughputs"]),
-            "speedup": {"vs": entries[0].name, **ratio(m["throughputs"], first)},
-            "vs_parent": None,
-        }
-        if e.parent is not None:
-            p = entries[e.parent]
-            r = ratio(m["throughputs"], measured[p.index]["throughputs"])
-            faster = r["median"] is not None and r["median"] >= NOISE
-            row["vs_parent"] = {"parent": p.name, **r, "faster": faster}
-            if not faster:
-                warnings.append(f"{e.name} is no faster than its parent {p.name} at {shape} "
-                                f"({r['median']:.2f}× throughput, needs ≥ {NOISE:.2f}× to count)")
-        rows.append(row)
+            **versus(e, entries, measured, shape, warnings),
+        })
     return rows
+
+
+def versus(e: Entry, entries: list[Entry], measured: dict, shape: str, warnings: list[str]) -> dict:
+    """`speedup` (per-round throughput ratios against the first artifact) and
+    `vs_parent` (against its parent in the run; a parent no slower is warned about)."""
+    m = measured[e.index]["throughputs"]
+    out = {"speedup": {"vs": entries[0].name, **ratio(m, measured[entries[0].index]["throughputs"])},
+           "vs_parent": None}
+    if e.parent is not None:
+        p = entries[e.parent]
+        r = ratio(m, measured[p.index]["throughputs"])
+        faster = r["median"] is not None and r["median"] >= NOISE
+        out["vs_parent"] = {"parent": p.name, **r, "faster": faster}
+        if not faster:
+            warnings.append(f"{e.name} is no faster than its parent {p.name} at {shape} "
+                            f"({r['median']:.2f}× throughput, needs ≥ {NOISE:.2f}× to count)")
+    return out
 
 
 def _artifact_row(e: Entry, entries: list[Entry], accuracy: dict, threads: int) -> dict:

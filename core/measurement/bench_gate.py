@@ -4,7 +4,8 @@ A run is compared with a saved one (`mk bench … -o results.json`, or the
 `--json` output) measure by measure; exit 3 (GateFailed) when any got worse by
 more than the allowance. Worse means, relative to the baseline:
 
-- offline: throughput lower, p99 latency higher, accuracy lower;
+- offline: throughput lower, p99 latency higher, accuracy lower (for causal LMs:
+  decode tokens/s, inter-token p99 and exact match; never against an encoder's result);
 - HTTP: achieved requests/s lower, p99 latency higher; the error rate higher by
   more than the allowance in absolute terms (5% allows 0.00 → 0.05).
 
@@ -132,6 +133,10 @@ def _label(key: tuple, mode: str) -> str:
     return f"concurrency {key[0]}, batch {key[1]}"
 
 
+def _task(result: dict) -> str:
+    return f"{result['task']} models" if result.get("task") else "encoders"
+
+
 def compare(current: dict, baseline: dict, allowance: float, renames: dict[str, str] | None = None) -> dict:
     """What got worse by more than the allowance: {"checked", "regressions", "unmatched"}.
     Offline rows match by artifact name only (`renames` maps a baseline name to one of
@@ -140,6 +145,8 @@ def compare(current: dict, baseline: dict, allowance: float, renames: dict[str, 
     mode = current.get("mode", "offline")
     if baseline.get("mode", "offline") != mode:
         raise BadInput(f"--baseline: a {baseline.get('mode')} result cannot gate a {mode} run")
+    if baseline.get("task") != current.get("task"):  # encoder results carry no task: samples/s, not tokens/s
+        raise BadInput(f"--baseline: a result of {_task(baseline)} cannot gate a run of {_task(current)}")
     rows = _offline_rows if mode == "offline" else _http_rows
     cur, base = rows(current), rows(baseline)
     if mode == "offline" and renames:

@@ -48,6 +48,8 @@ def _ours(path: Path):
 def rows(result: dict) -> list[dict]:
     """One flat row per artifact and shape (or per concurrency level), for CSV and Parquet."""
     out = []
+    if result.get("task") == "text-generation":
+        return _causal_rows(result)
     if result["mode"] == "offline":
         arts = {a["name"]: a for a in result["artifacts"]}
         for r in result["results"]:
@@ -73,6 +75,33 @@ def rows(result: dict) -> list[dict]:
             out.append({"url": result["url"], "model": result["model"],
                         **{k: v for k, v in r.items() if k != "latency_ms"},
                         **{f"latency_{k}_ms": v for k, v in r["latency_ms"].items()}})
+    return out
+
+
+def _causal_rows(result: dict) -> list[dict]:
+    """One flat row per causal LM, batch size and prompt length."""
+    arts = {a["name"]: a for a in result["artifacts"]}
+    out = []
+    for r in result["results"]:
+        a, vp = arts[r["artifact"]], r["vs_parent"] or {}
+        out.append({
+            "artifact": r["artifact"], "path": a["path"], "format": a["format"], "runtime": a["runtime"],
+            "device": a["device"], "threads": a["threads"], "batch_size": r["batch_size"],
+            "prompt_len": r["seq_len"], "new_tokens": r["new_tokens"], "calls": r["calls"],
+            "generated_tokens": r["generated_tokens"],
+            "prefill_tokens_s": r["prefill"]["tokens_per_s"]["median"],
+            **{f"prefill_{k}_ms": v for k, v in r["prefill"]["latency_ms"].items()},
+            **{f"ttft_{k}_ms": v for k, v in r["ttft_ms"].items()},
+            **{f"total_{k}_ms": v for k, v in r["total_ms"].items()},
+            "decode_tokens_s": r["throughput"]["median"], "decode_tokens_s_min": r["throughput"]["min"],
+            "decode_tokens_s_max": r["throughput"]["max"], "decode_spread_pct": r["throughput"]["spread_pct"],
+            **{f"itl_{k}_ms": v for k, v in r["latency_ms"].items()},
+            "speedup": r["speedup"]["median"], "speedup_vs": r["speedup"]["vs"],
+            "parent": vp.get("parent"), "vs_parent": vp.get("median"), "faster_than_parent": vp.get("faster"),
+            "size_bytes": a["size_bytes"], "parameters": a["parameters"], "load_s": a["load_s"],
+            "peak_rss_bytes": a["peak_rss_bytes"], "gpu_peak_bytes": a["gpu_peak_bytes"],
+            "perplexity": a["perplexity"], "exact_match": a["accuracy"],
+        })
     return out
 
 
@@ -128,6 +157,7 @@ def _plot_offline(result: dict, left, right) -> None:
 
     arts = result["artifacts"]
     names = [a["name"] for a in arts]
+    causal = result.get("task") == "text-generation"  # throughput: decode tokens/s; latency: inter-token
     # Scatter at the largest batch of the first sequence length: the throughput view.
     seq0 = result["results"][0]["seq_len"]
     bmax = max(r["batch_size"] for r in result["results"] if r["seq_len"] == seq0)
@@ -152,9 +182,11 @@ def _plot_offline(result: dict, left, right) -> None:
         left.text(0.5, 0.9, "no accuracy measured (pass --data)", transform=left.transAxes, ha="center")
     if thr and max(thr.values()) / max(min(thr.values()), 1e-9) > 30:
         left.set_xscale("log")
-    left.set_xlabel(f"throughput, samples/s (batch {bmax}, seq {seq0})")
-    left.set_ylabel("accuracy (test split)")
-    left.set_title("accuracy vs throughput (marker size = size on disk)")
+    left.set_xlabel(f"{'decode, tokens/s' if causal else 'throughput, samples/s'} (batch {bmax}, "
+                    f"{'prompt' if causal else 'seq'} {seq0})")
+    left.set_ylabel(f"{'exact match' if causal else 'accuracy'} (test split)")
+    left.set_title(f"{'exact match vs decode speed' if causal else 'accuracy vs throughput'} "
+                   "(marker size = size on disk)")
     left.grid(alpha=0.3)
 
     shapes = list(dict.fromkeys((r["batch_size"], r["seq_len"]) for r in result["results"]))
@@ -170,7 +202,7 @@ def _plot_offline(result: dict, left, right) -> None:
     if lats and max(lats) / max(min(lats), 1e-9) > 30:
         right.set_yscale("log")
     right.set_xticks(x + width * (len(names) - 1) / 2, [f"b{b} s{s}" for b, s in shapes])
-    right.set_ylabel("latency, ms (bar p50, whisker p99)")
+    right.set_ylabel(f"{'inter-token ' if causal else ''}latency, ms (bar p50, whisker p99)")
     right.set_title("latency per batch and sequence length")
     right.legend(fontsize=8)
     right.grid(axis="y", alpha=0.3)

@@ -157,10 +157,9 @@ class CausalLM:
                 raise BadInput("an empty prompt: nothing to continue from")
             self.check_fits(len(ids), sampling.max_new_tokens)
         tok = self.tokenizer
-        width = max(len(ids) for ids in prompts)
         pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
+        input_ids, mask = self._left_padded(prompts)
+        width = input_ids.shape[1]
         steps = _Steps(on_tokens)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, streamer=steps)
         if sampling.ignore_eos:
@@ -184,6 +183,32 @@ class CausalLM:
             result.step_s = [b - a for a, b in zip(steps.times, steps.times[1:])]
         return result
 
+    def _left_padded(self, prompts: list[list[int]]):
+        """(input_ids, attention_mask) tensors of prompts left-padded to the longest."""
+        import torch
+
+        width, pad = max(len(ids) for ids in prompts), self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.device)
+        return input_ids, mask
+
+    def prefill(self, prompts: list[list[int]]) -> float:
+        """Seconds of one forward pass over the prompts, padded as `generate` pads them,
+        to the last position's logits with the KV cache filled: the work `generate`
+        does before its first token, without the sampling and bookkeeping around it."""
+        import torch
+
+        for ids in prompts:
+            self.check_fits(len(ids), 1)
+        input_ids, mask = self._left_padded(prompts)
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            sync()
+            return time.perf_counter() - t0
+
     def _finish(self, rows: list[list[int]], sampling: Sampling, prompt_tokens: list[int]) -> Generated:
         """Cut each row at its end: EOS (unless ignored) or the first stop string."""
         eos = self.model.generation_config.eos_token_id
@@ -204,6 +229,51 @@ class CausalLM:
             texts.append(text)
             reasons.append(reason)
         return Generated(tokens, texts, reasons, prompt_tokens)
+
+    # -- quality on a generation dataset's split (llm-contract.md) ----------------
+
+    def perplexity(self, split: dict, batch_size: int = 8) -> dict:
+        """exp(mean token NLL) over the label tokens (labels != -100) of a split's
+        rows, each token weighted alike whatever its row's length."""
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        nll, count = 0.0, 0
+        for start in range(0, len(split["input_ids"]), batch_size):
+            rows = slice(start, start + batch_size)
+            mask = torch.as_tensor(split["attention_mask"][rows].astype("int64"))
+            width = int(mask.sum(dim=1).max())  # right-padded rows: cut the common padding
+            ids = torch.as_tensor(split["input_ids"][rows][:, :width].astype("int64"), device=self.device)
+            labels = torch.as_tensor(split["labels"][rows][:, :width].astype("int64"), device=self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask[:, :width].to(self.device)).logits
+            # position t predicts token t+1
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum").item()
+            count += int((labels[:, 1:] != -100).sum())
+        if not count:
+            raise BadInput("the split has no completion tokens (every label is -100): no perplexity")
+        return {"perplexity": math.exp(nll / count), "loss": nll / count, "tokens": count}
+
+    def exact_match(self, split: dict, batch_size: int = 8) -> dict:
+        """Greedy answers to each row's prompt (input_ids[:prompt_length]) against its
+        reference completion, both stripped and lower-cased; new tokens allowed: the
+        longest reference + 4."""
+        prompts, refs = [], []
+        for ids, labels, n in zip(split["input_ids"], split["labels"], split["prompt_lengths"]):
+            if n <= 0:
+                raise BadInput("a row without a prompt (a packed row?): exact match needs one example a row")
+            prompts.append([int(t) for t in ids[:n]])
+            refs.append([int(t) for t in labels if t != -100])
+        sampling = Sampling(max_new_tokens=max(len(r) for r in refs) + 4)
+        hits = 0
+        for start in range(0, len(prompts), batch_size):
+            out = self.generate(prompts[start:start + batch_size], sampling)
+            for text, ref in zip(out.texts, refs[start:start + batch_size]):
+                hits += text.strip().lower() == self.tokenizer.decode(ref, skip_special_tokens=True).strip().lower()
+        return {"exact_match": hits / len(prompts), "rows": len(prompts)}
 
     def describe(self) -> dict:
         return {"runtime": self.name, "device": self.device, "threads": self.threads}
