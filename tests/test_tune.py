@@ -431,12 +431,12 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_
 
 def test_cuda_out_of_memory_suggests_a_batch_size(tiny_dataset, tiny_model, tmp_path, monkeypatch):
     import torch
-    from mk.core.training import train
+    from mk.core.training import classify
     from mk.core.errors import MkError
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(train, "make_batch", oom)
+    monkeypatch.setattr(classify, "make_batch", oom)
     with pytest.raises(MkError, match="out of memory") as e:
         _tune(tiny_dataset, tiny_model, tmp_path / "t", max_steps=2, batch_size=32)
     assert e.value.code == 1 and "--batch-size 16" in e.value.hint and "--grad-accum 2" in e.value.hint

@@ -33,7 +33,7 @@ STATE_NAME = "state.json"
 class TrainState:
     """Where a run stands: all a checkpoint needs besides the tensors."""
     step: int = 0                      # optimizer steps taken
-    best: float | None = None          # the best val macro-F1 so far
+    best: float | None = None          # the best val figure so far (the task's: macro-F1, loss)
     best_step: int | None = None
     bad_evals: int = 0                 # evaluations since the best one
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
@@ -67,6 +67,28 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(model) -> dict:
+    """The weights training changes: every one, or with LoRA only the adapters
+    (and heads). The frozen rest is the base model's, read again on resume, so a
+    checkpoint of a LoRA run is megabytes, not the whole model."""
+    state = model.state_dict()
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return state
+    return {k: v for k, v in state.items() if k in params and params[k].requires_grad}
+
+
+def load_trained_state(model, state: dict) -> None:
+    """Put weights saved by `trained_state` back (the others stay as loaded)."""
+    result = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable]
+    if result.unexpected_keys or missing:
+        raise BadInput(f"the checkpoint does not fit the model: {len(missing)} trained weights missing, "
+                       f"{len(result.unexpected_keys)} unexpected",
+                       hint="run with --force instead of --resume to start over")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -148,7 +170,7 @@ class Checkpointer:
         ck, self._saved = self._saved, None
         if ck is None:
             return None
-        model.load_state_dict(ck["model"])
+        load_trained_state(model, ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
@@ -167,7 +189,7 @@ class Checkpointer:
         if self.dist.main:
             state.log_offset = log.flush()
             _atomic_torch_save({
-                "version": 1, "config": self.config, "model": model.state_dict(),
+                "version": 1, "config": self.config, "model": trained_state(model),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs, "state": asdict(state),

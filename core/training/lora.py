@@ -1,8 +1,9 @@
-"""LoRA for `mk tune --lora R`: peft adapters on the layers that matter for each
+"""LoRA for `mk tune --lora R` (and causal LMs by default): peft adapters on the layers that matter for each
 architecture, merged into plain weights on save unless `--no-merge`."""
 
 from __future__ import annotations
 
+import warnings
 
 from mk.core.errors import BadInput, library_error
 
@@ -48,7 +49,9 @@ def wrap(model, r: int, alpha: int | None = None, dropout: float = 0.1):
                         modules_to_save=heads, fan_in_fan_out=model.config.model_type == "gpt2",
                         bias="none")
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated for v6: not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:
         raise library_error(e, "--lora", f"cannot place adapters in a {model.config.model_type} model") \
             from None

@@ -21,7 +21,9 @@ gradient is the mean over the whole global batch, i.e. the same step a single
 process makes with that global batch. Only rank 0 writes.
 
 The pieces: `Trainer` checks the inputs and runs the loop; `Stepper` takes one
-optimizer step; `Validation` evaluates after each epoch and stops early;
+optimizer step; `Validation` evaluates after each epoch and stops early; the
+task (`task.py`: `classify.ClassifierTask`, `causal.CausalLMTask`, chosen by the
+dataset's task) loads the model and says what its loss and evaluation are;
 `TrainState` (in `checkpoint.py`) is where the run stands, and `Checkpointer`
 there saves and restores it; `train_log.py` writes the JSONL log;
 `distributed.py` holds the process group and its collectives.
@@ -29,7 +31,6 @@ there saves and restores it; `train_log.py` writes the JSONL log;
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -45,12 +46,11 @@ import numpy as np
 from mk.core.artifact import Artifact, open_artifact, write_manifest
 from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
-from mk.core.dataset import load_split, num_rows, open_dataset, trim_padding
+from mk.core.dataset import load_split, num_rows, open_dataset
 from mk.core.errors import INTERRUPTED, BadInput, MkError
-from mk.core.runtime.torch_runtime import TorchRuntime, accepts_token_types
-from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
-from mk.core.training.checkpoint import Checkpointer, TrainState
+from mk.core.training.checkpoint import Checkpointer, TrainState, load_trained_state, trained_state
 from mk.core.training.distributed import Dist, check_ranks_agree
+from mk.core.training.task import Task, base_model, is_better
 from mk.core.training.train_log import LOG_NAME, TrainLog
 
 # Options that must match for --resume to continue the same run.
@@ -70,12 +70,13 @@ class TuneOptions:
     warmup: float = 0.1                 # < 1: fraction of the steps; ≥ 1: steps
     schedule: str = "linear"            # linear | cosine | constant
     max_grad_norm: float = 1.0          # 0 turns clipping off
-    patience: int | None = None         # epochs without a better val macro-F1 before stopping
+    patience: int | None = None         # epochs without a better val figure (the task's) before stopping
     precision: str = "auto"             # auto | fp32 | bf16 | fp16
     seed: int = 0
     save_every: int = 200
     device: str = "auto"
-    lora: int | None = None
+    lora: int | None = None             # None: the task's default (every weight, or LoRA for causal LMs)
+    full: bool = False                  # every weight, even where the task's default is LoRA
     lora_alpha: int | None = None
     lora_dropout: float = 0.1
     merge: bool = True
@@ -85,6 +86,7 @@ class TuneOptions:
     new_head: bool = False
     resume: bool = False
     eval_batch_size: int = 64
+    exact_match_rows: int = 200         # test rows a causal LM answers for exact match (0: none)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (5e-4 if self.lora else 5e-5)
@@ -115,89 +117,27 @@ class TuneOptions:
             problems.append("--lr must be > 0")
         if self.warmup < 0:
             problems.append("--warmup must be ≥ 0")
-        if self.lora_alpha is not None and not self.lora:
-            problems.append("--lora-alpha only applies with --lora R")
         if self.save_every < 1:
             problems.append("--save-every must be ≥ 1")
         if self.patience is not None and self.patience < 1:
             problems.append("--patience must be ≥ 1")
+        if self.exact_match_rows < 0:
+            problems.append("--exact-match-rows must be ≥ 0")
         if problems:
             raise BadInput("; ".join(problems))
 
-
-# ---------------------------------------------------------------------------
-# Checks at the boundary: tokenizer, labels, teacher
-
-def _config(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"{Path(path) / 'config.json'}: unreadable model config ({e})") from None
-
-
-def _head(config: dict) -> tuple[bool, list[str]]:
-    """(whether the model already has a classification head, its label names)."""
-    archs = config.get("architectures") or []
-    has_head = any("ForSequenceClassification" in a or "ForImageClassification" in a for a in archs)
-    id2label = config.get("id2label") or {}
-    names = [id2label[k] for k in sorted(id2label, key=int)]
-    if has_head and not names:  # transformers' default: two labels, unnamed
-        names = [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]
-    return has_head, names
-
-
-def _default_names(names: list[str]) -> bool:
-    return all(n == f"LABEL_{i}" for i, n in enumerate(names))
-
-
-def plan_head(model_path: Path, labels: list[str], new_head: bool) -> dict:
-    """How to get a head for the dataset's labels: keep the model's, or make one.
-
-    A base encoder gets a fresh head. A classifier keeps its head when it has as
-    many labels as the dataset; re-initialising a trained head takes --new-head."""
-    has_head, names = _head(_config(model_path))
-    if not has_head or new_head:
-        return {"fresh": True, "ignore_mismatched_sizes": has_head}
-    if len(names) != len(labels):
-        raise BadInput(f"{model_path}: its classification head has {len(names)} labels "
-                       f"({', '.join(map(str, names))}), the dataset has {len(labels)} ({', '.join(labels)})",
-                       hint="pass --new-head to replace the trained head with a fresh one of the dataset's size")
-    if not _default_names(names) and list(names) != list(labels):
-        raise BadInput(f"{model_path}: its head's labels ({', '.join(map(str, names))}) differ from the "
-                       f"dataset's ({', '.join(labels)})",
-                       hint="pass --new-head to train a fresh head for the dataset's labels")
-    return {"fresh": False, "ignore_mismatched_sizes": False}
-
-
-def check_teacher(teacher: Artifact, dataset: Artifact, labels: list[str]) -> None:
-    if teacher.format != "safetensors":
-        raise BadInput(f"{teacher.path}: a teacher must be a safetensors model (this one is {teacher.format})")
-    has_head, names = _head(_config(teacher.path))
-    if not has_head:
-        raise BadInput(f"{teacher.path}: the teacher has no classification head",
-                       hint="distil from a fine-tuned classifier (the output of `mk tune`)")
-    if len(names) != len(labels) or (not _default_names(names) and list(names) != list(labels)):
-        differ = "in another order than" if sorted(map(str, names)) == sorted(labels) else "differ from"
-        raise BadInput(f"{teacher.path}: the teacher predicts {len(names)} labels ({', '.join(map(str, names))}), "
-                       f"the dataset has {len(labels)} ({', '.join(labels)})" if len(names) != len(labels) else
-                       f"{teacher.path}: the teacher's labels ({', '.join(map(str, names))}) {differ} the "
-                       f"dataset's ({', '.join(labels)})", hint="distil from a teacher tuned on this dataset's labels")
-    if dataset.task != "image-classification" and has_tokenizer(teacher.path) and has_tokenizer(dataset.path):
-        check_same_tokenizer(dataset, teacher.path, "teacher")
-
-
-def _check_split(name: str, split: dict, labels: list[str], vocab: int | None, positions: int | None,
-                 path: Path) -> None:
-    y = split["labels"]
-    if len(y) and (y.min() < 0 or y.max() >= len(labels)):
-        raise BadInput(f"{path}: {name} split has label ids outside 0..{len(labels) - 1}")
-    if "input_ids" in split and vocab and len(y) and int(split["input_ids"].max()) >= vocab:
-        raise BadInput(f"{path}: {name} split holds token id {int(split['input_ids'].max())}, beyond the "
-                       f"model's vocabulary of {vocab}",
-                       hint="prepare the data with the model's tokenizer")
-    if "input_ids" in split and positions and split["input_ids"].shape[1] > positions:
-        raise BadInput(f"{path}: sequences of {split['input_ids'].shape[1]} tokens exceed the model's "
-                       f"limit of {positions}", hint=f"prepare the data with --max-length {positions}")
+    def resolve_mode(self, default_lora: int | None) -> None:
+        """LoRA or every weight: --lora R, --full, else the task's default."""
+        if self.full and self.lora:
+            raise BadInput("--full and --lora R exclude each other: train every weight, or adapters")
+        if self.full:
+            self.lora = None
+        elif self.lora is None:
+            self.lora = default_lora
+        if self.lora_alpha is not None and not self.lora:
+            raise BadInput("--lora-alpha only applies with LoRA (--lora R, or a causal LM without --full)")
+        if not self.merge and not self.lora:
+            raise BadInput("--no-merge only applies with LoRA (--lora R, or a causal LM without --full)")
 
 
 # ---------------------------------------------------------------------------
@@ -229,40 +169,6 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_batch(split: dict, idx: np.ndarray, device, accepts_token_types: bool = True):
-    """Rows `idx` of a split as tensors on the device, cut to their longest sequence."""
-    import torch
-
-    inputs = trim_padding({k: v[idx] for k, v in split.items() if k != "labels"})
-    if not accepts_token_types:
-        inputs.pop("token_type_ids", None)
-    feed = {k: (torch.from_numpy(np.ascontiguousarray(v)).float() if k == "pixel_values"
-                else torch.from_numpy(np.ascontiguousarray(v)).long()).to(device, non_blocking=True)
-            for k, v in inputs.items()}
-    labels = torch.from_numpy(np.ascontiguousarray(split["labels"][idx])).long().to(device, non_blocking=True)
-    return feed, labels
-
-
-def _base_model(model):
-    """The transformers model under a peft wrapper (for forward's signature)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if get else model
-
-
-def evaluate_model(model, split: dict, num_labels: int, device, autocast, batch_size: int,
-                   description: str) -> dict:
-    from mk.core.evaluation import evaluate
-
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast():
-            return evaluate(TorchRuntime(model, device), split, num_labels, batch_size,
-                            description)
-    finally:
-        model.train(was_training)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -356,11 +262,11 @@ class Stepper:
     """The model with its optimizer, scheduler and gradient scaler, taking one
     optimizer step at a time over a global batch of examples."""
 
-    def __init__(self, model, teacher, split: dict, opts: TuneOptions, dist: Dist, device: str,
+    def __init__(self, model, task: Task, split: dict, opts: TuneOptions, dist: Dist, device: str,
                  precision: str, plan: Plan, last_checkpoint: Path):
         import torch
 
-        self.model, self.runner, self.teacher = model, model, teacher
+        self.model, self.runner, self.task = model, model, task
         self.split, self.opts, self.dist, self.device = split, opts, dist, device
         self.precision, self.last_checkpoint = precision, last_checkpoint
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -373,7 +279,6 @@ class Stepper:
                                                            lr_lambda(opts.schedule, plan.warmup, plan.total))
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.autocast = autocast_factory(precision, device)
-        self.accepts_tt = accepts_token_types(model)
         self.flags = torch.zeros(3, dtype=torch.float64, device=device)
 
     @property
@@ -392,7 +297,8 @@ class Stepper:
         import torch
 
         t0 = time.perf_counter()
-        loss_sum = self._backward(idx)
+        weight = self.task.weight(self.split, idx)  # what the step's loss is a mean over
+        loss_sum = self._backward(idx, weight)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, self.opts.max_grad_norm)
@@ -414,15 +320,14 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return StepResult(loss=total_loss / len(idx), grad_norm=float(grad_norm), lr=lr, examples=len(idx),
+        return StepResult(loss=total_loss / weight, grad_norm=float(grad_norm), lr=lr, examples=len(idx),
                           seconds=time.perf_counter() - t0, stop=bool(stopping))
 
-    def _backward(self, idx: np.ndarray):
-        """Gradients of this rank's share of `idx`, micro-batch by micro-batch;
-        the sum of its per-example losses."""
+    def _backward(self, idx: np.ndarray, weight: int):
+        """Gradients of this rank's share of `idx`, micro-batch by micro-batch, for
+        the mean loss over the global batch (`weight`: its examples or label
+        tokens); the sum of this rank's losses."""
         import torch
-
-        from mk.core.training.distill import per_example_loss
 
         opts, dist = self.opts, self.dist
         shard = idx[dist.rank::dist.world]
@@ -433,16 +338,12 @@ class Stepper:
                 continue
             last = i == opts.grad_accum - 1
             with self.runner.no_sync() if dist.active and not last else nullcontext():
-                feed, labels = make_batch(self.split, mb if len(mb) else idx[:1], self.device, self.accepts_tt)
-                with self.autocast():
-                    logits = self.runner(**feed).logits
-                    t_logits = self.teacher(**feed).logits if self.teacher is not None else None
-                if len(mb):
-                    per = per_example_loss(logits, labels, t_logits, opts.temperature, opts.alpha)
-                    loss = per.sum() * (dist.world / len(idx))
-                    loss_sum += per.detach().sum()
+                summed = self.task.loss_sum(self.runner, self.split, mb if len(mb) else idx[:1], self.autocast)
+                if len(mb):  # DDP averages gradients over the ranks: × world makes it the global mean
+                    loss = summed * (dist.world / weight)
+                    loss_sum += summed.detach()
                 else:  # an empty share still joins the gradient all-reduce
-                    loss = logits.sum() * 0.0
+                    loss = summed * 0.0
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss_sum
 
@@ -464,47 +365,65 @@ class Stepper:
 
 class Validation:
     """Evaluates on the validation split after each epoch; with --patience, stops
-    after that many epochs without a better macro-F1 and keeps the best weights
-    (in memory, and in best.pt for --resume)."""
+    after that many epochs without a better val figure (the task's: macro-F1,
+    or a causal LM's loss) and keeps the best weights (in memory, and in best.pt
+    for --resume)."""
 
-    def __init__(self, split: dict, num_labels: int, opts: TuneOptions, device: str, dist: Dist,
-                 checkpoints: Checkpointer):
-        self.split, self.num_labels, self.opts, self.device = split, num_labels, opts, device
+    def __init__(self, split: dict, task: Task, opts: TuneOptions, dist: Dist, checkpoints: Checkpointer):
+        self.split, self.task, self.opts = split, task, opts
         self.dist, self.checkpoints = dist, checkpoints
         self.best_weights = None
 
     def __call__(self, model, autocast, state: TrainState, epoch: int, train_log: TrainLog) -> None:
-        opts = self.opts
-        metrics = evaluate_model(model, self.split, self.num_labels, self.device, autocast,
-                                 opts.eval_batch_size, f"epoch {epoch} val")
+        opts, (key, _) = self.opts, self.task.select
+        metrics = self.task.evaluate(model, self.split, autocast, f"epoch {epoch} val")
         metrics = self.dist.from_main(metrics)  # every rank decides alike, on rank 0's figures
-        better = state.best is None or metrics["macro_f1"] > state.best
+        better = is_better(self.task, metrics[key], state.best)
         if better:
-            state.best, state.best_step, state.bad_evals = metrics["macro_f1"], state.step, 0
+            state.best, state.best_step, state.bad_evals = metrics[key], state.step, 0
             if opts.patience:
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trained_state(model).items()}
                 self.checkpoints.save_best(self.best_weights)
         else:
             state.bad_evals += 1
-        entry = {"epoch": epoch, "step": state.step, "val_accuracy": metrics["accuracy"],
-                 "val_macro_f1": metrics["macro_f1"], "best": better}
+        entry = {"epoch": epoch, "step": state.step, **{f"val_{k}": v for k, v in metrics.items() if k != "n"},
+                 "best": better}
         state.history.append(entry)
         train_log.write("eval", **entry, time=time.time())
-        log.info("epoch %d: val accuracy %.4f, macro-F1 %.4f%s", epoch, metrics["accuracy"],
-                 metrics["macro_f1"], " (best)" if better else f" (best {state.best:.4f})")
+        log.info("epoch %d: val %s%s", epoch, self.task.describe(metrics),
+                 " (best)" if better else f" (best {key} {state.best:.4f})")
         if opts.patience and state.bad_evals >= opts.patience:
-            log.info("early stop: no better val macro-F1 for %d epochs; keeping the weights of step %d",
-                     state.bad_evals, state.best_step)
+            log.info("early stop: no better val %s for %d epochs; keeping the weights of step %d",
+                     key, state.bad_evals, state.best_step)
             state.stopped_early = True
 
     def keep_best(self, model, state: TrainState) -> None:
         """With --patience, go back to the best weights if training went past them."""
         if self.opts.patience and self.best_weights is not None and state.best_step != state.step:
-            model.load_state_dict(self.best_weights)
+            load_trained_state(model, self.best_weights)
+
+    def best_entry(self, state: TrainState) -> dict | None:
+        """The val figures the output reports: the best epoch's with --patience, else the last's."""
+        if not state.history:
+            return None
+        if not self.opts.patience:
+            return state.history[-1]
+        key, higher = self.task.select
+        pick = max if higher else min
+        return pick(state.history, key=lambda h: h[f"val_{key}"])
 
 
 # ---------------------------------------------------------------------------
 # The run
+
+def task_for(dataset: Artifact, base: Artifact, opts: TuneOptions) -> Task:
+    """The dataset says what is trained: completions (a causal LM), else labels."""
+    if dataset.task == "text-generation":
+        from mk.core.training.causal import CausalLMTask
+        return CausalLMTask(dataset, base, opts)
+    from mk.core.training.classify import ClassifierTask
+    return ClassifierTask(dataset, base, opts)
+
 
 class Trainer:
     """One `mk tune` run. `run()` returns the result dict on rank 0, None elsewhere."""
@@ -525,17 +444,9 @@ class Trainer:
         if self.base.format != "safetensors":
             raise BadInput(f"{self.base.path}: can only fine-tune a safetensors model (this one is "
                            f"{self.base.format})", hint="tune the model it was exported from")
-        self.labels = [str(l) for l in self.dataset.labels]
-        if len(self.labels) < 2:
-            raise BadInput(f"{self.dataset.path}: needs at least two labels, has {len(self.labels)}")
-        self.task = self.dataset.task or "text-classification"
-        self.head = plan_head(self.base.path, self.labels, opts.new_head)
-        self.tokenizer = (None if self.task == "image-classification"
-                          else check_same_tokenizer(self.dataset, self.base.path))
-        self.teacher_art = None
-        if opts.teacher:
-            self.teacher_art = open_artifact(opts.teacher, kind="model")
-            check_teacher(self.teacher_art, self.dataset, self.labels)
+        self.task = task_for(self.dataset, self.base, opts)
+        opts.resolve_mode(self.task.default_lora)
+        self.teacher_art = self.task.teacher_art
         check_output(self.out, force, inputs=[self.dataset.path, self.base.path,
                                               self.teacher_art.path if self.teacher_art else None])
         self.checkpoints.open(self.run_config(), opts.resume, force)
@@ -576,15 +487,15 @@ class Trainer:
         dist = self.dist
         t_start = time.perf_counter()
         train, val, test = self._load_splits()
-        model, teacher = self._load_models()
-        self._check_splits(model, train, val, test)
+        model = self._load_model()
+        self.task.check_splits(model, {"train": train, "val": val, "test": test})
         n = num_rows(train)
         if n < dist.world:
             raise BadInput(f"{self.dataset.path}: {n} training examples cannot feed {dist.world} processes")
         plan = Plan.of(n, self.opts, dist.world)
-        stepper = Stepper(model, teacher, train, self.opts, dist, self.device, self.precision, plan,
+        stepper = Stepper(model, self.task, train, self.opts, dist, self.device, self.precision, plan,
                           self.checkpoints.last)
-        validation = Validation(val, len(self.labels), self.opts, self.device, dist, self.checkpoints)
+        validation = Validation(val, self.task, self.opts, dist, self.checkpoints)
         state = self._start(stepper, validation, plan)
         stepper.wrap()
         with TrainLog(self.checkpoints.dir, state.log_offset, dist.main) as train_log:
@@ -597,29 +508,20 @@ class Trainer:
             if not dist.main:
                 dist.barrier()
                 return None
-            return self._finish(model, test, stepper.autocast, state, plan, train_seconds, train_log)
+            return self._finish(model, test, stepper.autocast, state, plan, validation, train_seconds,
+                                train_log)
 
     def _load_splits(self) -> tuple[dict, dict, dict | None]:
         test = (load_split(self.dataset, "test") if (self.dataset.path / "test.safetensors").is_file()
                 else None)
         return load_split(self.dataset, "train"), load_split(self.dataset, "val"), test
 
-    def _load_models(self):
-        import torch
+    def _load_model(self):
+        """The task's model, with LoRA adapters when training them, on the device."""
         import transformers
 
-        from mk.core.runtime.torch_runtime import load_classifier
-
         transformers.utils.logging.disable_progress_bar()  # mk shows its own progress
-
-        labels = self.labels
-        torch.manual_seed(self.opts.seed)  # the fresh head starts the same on every rank and every run
-        overrides = {"id2label": dict(enumerate(labels)), "label2id": {l: i for i, l in enumerate(labels)}}
-        if self.head["ignore_mismatched_sizes"]:
-            overrides["ignore_mismatched_sizes"] = True
-        model = load_classifier(self.base.path, self.task, **overrides)
-        if self.head["fresh"]:
-            log.info("new classification head: %d labels (%s)", len(labels), ", ".join(labels))
+        model = self.task.load_model(self.device, self.opts.seed)
         if self.opts.lora:
             from mk.core.training import lora
             model = lora.wrap(model, self.opts.lora, self.opts.lora_alpha, self.opts.lora_dropout)
@@ -627,20 +529,7 @@ class Trainer:
             total = sum(p.numel() for p in model.parameters())
             log.info("LoRA rank %d: training %s of %s parameters (%.1f%%)", self.opts.lora,
                      f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        model.to(self.device).train()
-        teacher = None
-        if self.teacher_art is not None:
-            teacher = load_classifier(self.teacher_art.path, self.task).to(self.device).eval()
-            teacher.requires_grad_(False)
-        return model, teacher
-
-    def _check_splits(self, model, train: dict, val: dict, test: dict | None) -> None:
-        cfg = model.config if not self.opts.lora else _base_model(model).config
-        vocab = getattr(cfg, "vocab_size", None)
-        positions = getattr(cfg, "max_position_embeddings", None)
-        for name, split in (("train", train), ("val", val), ("test", test)):
-            if split is not None:
-                _check_split(name, split, self.labels, vocab, positions, self.dataset.path)
+        return model.to(self.device).train()
 
     def _start(self, stepper: Stepper, validation: Validation, plan: Plan) -> TrainState:
         """The state to start from: the checkpoint's with --resume, else step 0
@@ -708,21 +597,16 @@ class Trainer:
 
     # -- the output -----------------------------------------------------------
 
-    def _finish(self, model, test, autocast, state: TrainState, plan: Plan, train_seconds: float,
-                train_log: TrainLog) -> dict:
+    def _finish(self, model, test, autocast, state: TrainState, plan: Plan, validation: Validation,
+                train_seconds: float, train_log: TrainLog) -> dict:
         opts = self.opts
         save_model = model
         if opts.lora:
             from mk.core.training import lora
             save_model = lora.unwrap_for_save(model, opts.merge)
-        metrics = {}
-        if test is not None:
-            m = evaluate_model(save_model, test, len(self.labels), self.device, autocast, opts.eval_batch_size,
-                               "test")
-            metrics = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "split": "test", "n": m["n"]}
-        if state.history:
-            best = max(state.history, key=lambda h: h["val_macro_f1"]) if opts.patience else state.history[-1]
-            metrics.update(val_accuracy=best["val_accuracy"], val_macro_f1=best["val_macro_f1"])
+        metrics = self.task.test(save_model, test, autocast) if test is not None else {}
+        if (best := validation.best_entry(state)) is not None:
+            metrics.update({k: v for k, v in best.items() if k.startswith("val_")})
         train_log.write("test", **{k: v for k, v in metrics.items() if k != "split"}, time=time.time())
         train_log.write("end", step=state.step, seconds=round(train_seconds, 2), stopped_early=state.stopped_early)
         train_log.flush()
@@ -730,9 +614,9 @@ class Trainer:
         self._write_output(save_model, metrics, training, train_log)
         self.checkpoints.remove()
         self.dist.barrier()
-        if metrics.get("accuracy") is not None:
-            log.info("test accuracy %.4f, macro-F1 %.4f (%d examples); %d steps in %.0f s",
-                     metrics["accuracy"], metrics["macro_f1"], metrics["n"], state.step, train_seconds)
+        if test is not None:
+            log.info("test (%d examples): %s; %d steps in %.0f s", metrics["n"], self.task.describe(metrics),
+                     state.step, train_seconds)
         return {"path": str(self.out), "metrics": metrics, "training": training}
 
     def _summary(self, state: TrainState, plan: Plan, train_seconds: float) -> dict:
@@ -758,11 +642,11 @@ class Trainer:
             if opts.lora and not opts.merge:
                 save_model.peft_config["default"].base_model_name_or_path = str(self.base.path.resolve())
                 save_model.save_pretrained(str(tmp))
-                _base_model(save_model).config.save_pretrained(str(tmp))
+                base_model(save_model).config.save_pretrained(str(tmp))
             else:
                 save_model.save_pretrained(str(tmp), safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(tmp))
+            if self.task.tokenizer is not None:
+                self.task.tokenizer.save_pretrained(str(tmp))
             for name in ("preprocessor_config.json",):
                 for src in (self.base.path, self.dataset.path):
                     if (src / name).is_file():
@@ -774,7 +658,7 @@ class Trainer:
                 extra["teacher"] = self.teacher_art.ref(tmp)
             if opts.lora and not opts.merge:
                 extra["adapter"] = {"type": "lora", "r": opts.lora, "base": self.base.ref(tmp)}
-            write_manifest(tmp, kind="model", format="safetensors", task=self.task, labels=self.labels,
+            write_manifest(tmp, kind="model", format="safetensors", task=self.task.name, labels=self.task.labels,
                            parent=self.base, dataset=self.dataset, metrics=metrics, **extra)
 
 
