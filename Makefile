@@ -1,8 +1,9 @@
-# The two commands of a fresh machine: `make demo` and `make test`.
+# The commands of a fresh machine: `make demo`, and `make check` (the whole suite, as
+# CI runs it) or `make test` (the same without the slow end-to-end runs, for the edit loop).
 VENV := .venv/bin
 DEMO_DIR ?= demo-out
 
-.PHONY: setup demo test test-all completions
+.PHONY: setup demo demo-generate test check test-all completions
 setup: $(VENV)/mk
 $(VENV)/mk: pyproject.toml scripts/setup.sh
 	scripts/setup.sh
@@ -11,7 +12,13 @@ $(VENV)/mk: pyproject.toml scripts/setup.sh
 demo: setup
 	$(VENV)/mk demo -o $(DEMO_DIR) --force
 
+demo-generate: setup
+	$(VENV)/mk demo --task generate -o $(DEMO_DIR)-generate --force
+
 test: setup
+	$(VENV)/python -m pytest -q -m "not gpu and not slow"
+
+check: setup
 	$(VENV)/python -m pytest -q -m "not gpu"
 
 test-all: setup

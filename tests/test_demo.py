@@ -40,3 +40,22 @@ def test_demo_refuses_to_overwrite_without_force(tmp_path):
     (tmp_path / "demo").mkdir()
     r = run_mk("demo", "-o", str(tmp_path / "demo"))
     assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_generate_demo_tunes_benches_and_serves_the_causal_lm(tmp_path):
+    out = tmp_path / "gen"
+    # SmolLM2 (135 M) is converted, LoRA-tuned, benched and served: minutes on a 2-core CPU
+    r = run_mk("demo", "--task", "generate", "-o", str(out), "--sample", "200", "--threads", "2", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str(out)
+    for step in ("$ mk prep tweets --task generate", "$ mk tune data --model smollm2", "$ mk bench smollm2 tuned",
+                 "$ mk serve tuned --port 0"):
+        assert step in r.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["task"] == "text-generation" and [a["name"] for a in report["artifacts"]] == ["smollm2", "tuned"]
+    assert all(x["throughput"] > 0 for x in report["results"])  # decode tokens/s
+    served = json.loads((out / "completion.json").read_text())
+    assert served["expected"] in ("negative", "neutral", "positive") and served["answer"].strip()
+    tuned = json.loads((out / "tuned" / "mk.json").read_text())
+    assert tuned["task"] == "text-generation" and tuned["metrics"]["exact_match_n"] > 0
+    assert not list(tmp_path.glob(".gen.tmp-*"))
