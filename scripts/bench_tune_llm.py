@@ -18,25 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def build_dataset(dest: Path, model_dir: Path, rows: tuple[int, int, int], max_length: int) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import csv
-    import io
-
-    from generation_data import make_generation_dataset, tweet_pairs
-
-    from mk.core.embedded import data_path
-
-    raw = data_path("tweets").read_bytes().decode("utf-8", errors="replace")
-    tweets = [(r["text"], r["sentiment"]) for r in csv.DictReader(io.StringIO(raw))]
-    # from the far end of the file: rows the tests (which read its start) never use
-    return make_generation_dataset(dest, model_dir, tweet_pairs(tweets[::-1]), sizes=rows, max_length=max_length)
+def build_dataset(dest: Path, sample: int, max_length: int) -> Path:
+    """`mk prep tweets --task generate`: the embedded tweets as one-word sentiment instructions."""
+    mk = Path(sys.executable).with_name("mk")
+    subprocess.run([str(mk), "prep", "tweets", "--task", "generate", "--sample", str(sample), "--max-length",
+                    str(max_length), "-o", str(dest), "-q"], check=True, stdout=subprocess.DEVNULL)
+    return dest
 
 
 def untuned(data: Path, model: str, rows: int, batch_size: int) -> dict:
@@ -63,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", type=Path, nargs="?", help="text-generation dataset artifact")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--rows", default="480,48,150", help="train,val,test rows when building the dataset")
+    ap.add_argument("--sample", type=int, default=800, help="tweets sampled when making the dataset")
     ap.add_argument("--max-length", type=int, default=96)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=None)
@@ -74,16 +69,13 @@ def main() -> None:
 
     from mk.core.console import configure
     from mk.core.cpu import this_cpu
-    from mk.core.embedded import resolve_model
     from mk.core.training.train import TuneOptions, tune
 
     configure(quiet=False)
-    model_dir = resolve_model(args.model)
     cpu, load_before = this_cpu().model, os.getloadavg()
     print(f"CPU: {cpu}; load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-tune-llm-") as tmp:
-        data = args.data or build_dataset(Path(tmp) / "data", model_dir,
-                                          tuple(int(x) for x in args.rows.split(",")), args.max_length)
+        data = args.data or build_dataset(Path(tmp) / "data", args.sample, args.max_length)
         t0 = time.perf_counter()
         before = untuned(data, args.model, args.exact_match_rows, args.batch_size)
         t1 = time.perf_counter()
@@ -91,13 +83,17 @@ def main() -> None:
                       TuneOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device="cpu",
                                   exact_match_rows=args.exact_match_rows, save_every=10**9))
         t2 = time.perf_counter()
+        log = [json.loads(l) for l in (Path(tmp) / "tuned" / "train_log.jsonl").read_text().splitlines()]
+    step_s = statistics.median(e["step_s"] for e in log if e["event"] == "step")
     after = result["metrics"]
     out = {"model": args.model, "untuned": before, "tuned": after, "training": result["training"],
-           "seconds": {"untuned_eval": round(t1 - t0, 1), "tune_and_eval": round(t2 - t1, 1)},
+           "seconds": {"untuned_eval": round(t1 - t0, 1), "tune_and_eval": round(t2 - t1, 1),
+                       "median_step": round(step_s, 3)},
            "cpu": cpu, "load_before": load_before, "load_after": os.getloadavg()}
     print(f"exact match on {after.get('exact_match_n')} test rows: untuned {before['exact_match']:.3f}, "
           f"tuned {after.get('exact_match', float('nan')):.3f}; test perplexity {before['perplexity']:.2f} → "
-          f"{after['perplexity']:.2f}; {result['training']['steps']} steps in {result['training']['seconds']} s; "
+          f"{after['perplexity']:.2f}; {result['training']['steps']} steps in {result['training']['seconds']} s "
+          f"(median {step_s:.2f} s/step); "
           f"CPU {cpu}, load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
