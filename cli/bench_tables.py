@@ -43,12 +43,7 @@ def offline_tables(result: dict):
                       ("samples/s", "right"), ("±%", "right"), ("speed-up", "right"), ("vs parent", "left")):
         speed.add_column(col, justify=just, no_wrap=col not in ("artifact",))
     runtimes = {a["name"]: f"{a['runtime']} {a['device']}" for a in result["artifacts"]}
-    previous = None
-    for row in result["results"]:
-        shape = (row["batch_size"], row["seq_len"])
-        if previous is not None and shape != previous:
-            speed.add_section()
-        previous = shape
+    for row in _by_shape(speed, result["results"]):
         lat, thr, su = row["latency_ms"], row["throughput"], row["speedup"]
         seq = row["seq_len"] if row["seq_len"] != "data" else f"data≈{_fmt(row.get('padded_len'), '.0f')}"
         speed.add_row(row["artifact"], runtimes.get(row["artifact"], ""), str(row["batch_size"]), str(seq),
@@ -70,11 +65,24 @@ def offline_tables(result: dict):
     return speed, arts
 
 
+def _by_shape(table, rows: list[dict]):
+    """The rows, with a section line in `table` wherever the shape (batch × seq) changes."""
+    previous = None
+    for row in rows:
+        shape = (row["batch_size"], row["seq_len"])
+        if previous is not None and shape != previous:
+            table.add_section()
+        previous = shape
+        yield row
+
+
 def _vs_parent(vp) -> str:
     if vp is None:
         return ""
     if vp["faster"]:
         return f"[green]{vp['median']:.2f}× {vp['parent']}[/]"
+    if not vp.get("promised", True):  # tuned from it: no speed was promised
+        return f"{_fmt(vp['median'], '.2f')}× {vp['parent']}"
     return f"[bold yellow]⚠ no faster ({_fmt(vp['median'], '.2f')}× {vp['parent']})[/]"
 
 
@@ -88,12 +96,7 @@ def causal_tables(result: dict):
                 "ITL p50 ms", "ITL p99 ms", "speed-up", "vs parent"):
         speed.add_column(col, justify="left" if col in ("artifact", "vs parent") else "right",
                          no_wrap=col != "artifact")
-    previous = None
-    for row in result["results"]:
-        shape = (row["batch_size"], row["seq_len"])
-        if previous is not None and shape != previous:
-            speed.add_section()
-        previous = shape
+    for row in _by_shape(speed, result["results"]):
         itl, thr = row["latency_ms"], row["throughput"]
         speed.add_row(row["artifact"], str(row["batch_size"]), str(row["seq_len"]),
                       _num(row["prefill"]["tokens_per_s"]["median"], 4), _num(row["ttft_ms"]["p50"]),

@@ -208,3 +208,21 @@ def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=No
     if check and proc.returncode != 0:
         raise AssertionError(f"mk {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def interrupt_at_first_checkpoint(args: list[str], out: Path, timeout: float = 120):
+    """`mk ARGS -o OUT` in a subprocess, sent SIGTERM once its first checkpoint
+    (OUT.ckpt/last.pt) is on disk: (the process, its stderr)."""
+    import signal
+    import time
+
+    mk = Path(sys.executable).with_name("mk")
+    proc = subprocess.Popen([str(mk), *args, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    ckpt = out.parent / f"{out.name}.ckpt" / "last.pt"
+    deadline = time.monotonic() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc, err

@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import LABELS, make_tiny_model, run_mk
+from conftest import LABELS, interrupt_at_first_checkpoint, make_tiny_model, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 # A fast, deterministic tiny run: small batches, no warm-up surprises.
@@ -153,13 +151,8 @@ def test_sigterm_checkpoints_exits_130_and_resume_reaches_the_same_weights(tiny_
     assert run_mk(*args, "-o", str(ref)).returncode == 0
 
     out = tmp_path / "run"
-    proc = _start([*args, "-o", str(out)])
+    proc, err = interrupt_at_first_checkpoint(args, out)
     ckpt = tmp_path / "run.ckpt" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "checkpoint saved" in err and "--resume" in err
     assert ckpt.is_file() and not out.exists()

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_mk
+from conftest import interrupt_at_first_checkpoint, run_mk
 from generation_data import INSTRUCTION, make_generation_dataset, tweet_pairs
 
 MK = str(Path(sys.executable).with_name("mk"))
@@ -152,13 +150,8 @@ def test_sigterm_then_resume_reaches_the_weights_of_an_uninterrupted_run(gen_dat
     assert run_mk(*args, "-o", str(ref)).returncode == 0
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([MK, *args, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, err = interrupt_at_first_checkpoint(args, out)
     ckpt = tmp_path / "run.ckpt" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     state = json.loads((tmp_path / "run.ckpt" / "state.json").read_text())
     assert 0 < state["step"] < state["total_steps"]

@@ -426,10 +426,7 @@ def prep_generation(tmp: Path, tables: list[Table], opts, what: str) -> dict:
     return {
         "task": "text-generation",
         **fields_,
-        "max_length": length,
-        "max_length_from": how,
-        "truncation_rate": round(truncation.pop("all"), 6),
-        "truncation_by_split": {k: round(v, 6) for k, v in truncation.items()},
+        **base.length_fields(length, how, truncation),
         "generation": {"chat_template": shape.template, "packed": bool(opts.pack), "max_length": length,
                        "recipe": "classify" if shape.kind == "recipe" else None,
                        "instruction": shape.instruction,

@@ -693,10 +693,7 @@ def _prep_text(tmp: Path, tables: list[Table], opts: PrepOptions, what: str) -> 
     return {
         "task": "text-classification",
         **plan_fields(plan, opts),
-        "max_length": max_length,
-        "max_length_from": how,
-        "truncation_rate": round(truncation.pop("all"), 6),
-        "truncation_by_split": {k: round(v, 6) for k, v in truncation.items()},
+        **length_fields(max_length, how, truncation),
         "columns": {"text": cols.text, "text_pair": cols.pair, "label": cols.label, "split": cols.split},
         "tokenizer": tokenizer_identity(tok),
     }
@@ -741,6 +738,14 @@ def plan_fields(plan, opts: PrepOptions) -> dict:
             # the rows the sample holds, which is fewer than asked when the data is smaller
             "sample": None if opts.sample is None else sum(plan.counts().values()),
             "sample_requested": opts.sample}
+
+
+def length_fields(max_length: int, how: str, truncation: dict[str, float]) -> dict:
+    """The manifest's length fields: the length, why it was chosen, and the share of
+    rows (per split and in all) that it cut."""
+    return {"max_length": max_length, "max_length_from": how,
+            "truncation_rate": round(truncation["all"], 6),
+            "truncation_by_split": {k: round(v, 6) for k, v in truncation.items() if k != "all"}}
 
 
 def _prep_images(tmp: Path, folders: list[ImageFolder], opts: PrepOptions, what: str) -> dict:

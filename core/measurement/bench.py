@@ -606,6 +606,16 @@ def _shape_rows(entries: list[Entry], measured: dict, where: tuple, tokens: tupl
     return rows
 
 
+def _meant_to_be_faster(child: Entry, parent: Entry) -> bool:
+    """Every step promises speed but `mk tune` keeping its parent's format and size
+    (a fine-tuned or LoRA-merged model), which is compared without a warning."""
+    command = ((child.art.manifest.get("created_by") or {}).get("command") or "").split()
+    if command[1:2] != ["tune"] or child.art.format != parent.art.format:
+        return True
+    sizes = [e.art.weights_file() for e in (child, parent)]
+    return None in sizes or sizes[0].stat().st_size < sizes[1].stat().st_size
+
+
 def versus(e: Entry, entries: list[Entry], measured: dict, shape: str, warnings: list[str]) -> dict:
     """`speedup` (per-round throughput ratios against the first artifact) and
     `vs_parent` (against its parent in the run; a parent no slower is warned about)."""
@@ -616,8 +626,9 @@ def versus(e: Entry, entries: list[Entry], measured: dict, shape: str, warnings:
         p = entries[e.parent]
         r = ratio(m, measured[p.index]["throughputs"])
         faster = r["median"] is not None and r["median"] >= NOISE
-        out["vs_parent"] = {"parent": p.name, **r, "faster": faster}
-        if not faster:
+        promised = _meant_to_be_faster(e, p)
+        out["vs_parent"] = {"parent": p.name, **r, "faster": faster, "promised": promised}
+        if not faster and promised:
             warnings.append(f"{e.name} is no faster than its parent {p.name} at {shape} "
                             f"({r['median']:.2f}× throughput, needs ≥ {NOISE:.2f}× to count)")
     return out

@@ -28,7 +28,10 @@ class Runtime(Protocol):
     def describe(self) -> dict: ...
 
 
-def load_runtime(model: Artifact | str | Path, device: str = "auto", threads: int | None = None) -> Runtime:
+def load_runtime(model: Artifact | str | Path, device: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> Runtime:
+    """The runtime of the artifact's format. `spin=False` (a server's choice) lets ONNX
+    Runtime's threads sleep between calls instead of spinning."""
     art = model if isinstance(model, Artifact) else open_artifact(model, kind="model")
     if art.kind != "model":
         raise BadInput(f"{art.path}: is a {art.kind} artifact; a runtime needs a model")
@@ -37,7 +40,7 @@ def load_runtime(model: Artifact | str | Path, device: str = "auto", threads: in
         return TorchRuntime.load(art, device, threads)
     if art.format == "onnx":
         from mk.core.runtime.onnx_runtime import OnnxRuntime
-        return OnnxRuntime(art, device, threads)
+        return OnnxRuntime(art, device, threads, spin)
     if art.format == "tensorrt":
         from mk.core.runtime.tensorrt_runtime import TensorRTRuntime
         return TensorRTRuntime(art, device)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from mk.core.artifact import Artifact
 from mk.core.runtime.causal_runtime import CausalLM, Sampling, stop_at
-from mk.core.serving.batcher import Batcher, DeadlineExceeded, InferenceFailed, Job, QueueFull, fail
+from mk.core.serving.batcher import Batcher, DeadlineExceeded, InferenceFailed, Job, fail
 from mk.core.serving.metrics import LATENCY_BUCKETS
 from mk.core.serving.model import Limits, ServedModel
 
@@ -180,6 +180,7 @@ class GenerationModel:
 
     task = TASK
     arrived = ServedModel.arrived  # the same bookkeeping of requests still arriving
+    enqueue = ServedModel.enqueue  # the same queue bound and 503
     check_name = ServedModel.check_name
 
     def __init__(self, art: Artifact, name: str, lm: CausalLM, limits: Limits, metrics):
@@ -197,13 +198,7 @@ class GenerationModel:
         job = GenJob(inputs={"input_ids": np.asarray([prompt], dtype=np.int64)},
                      deadline=time.monotonic() + self.limits.timeout_s, loop=asyncio.get_running_loop(),
                      sampling=sampling, max_new=max_new, stream=stream)
-        self.arrived(scope)
-        try:
-            self.batcher.submit(job)
-        except QueueFull as e:
-            raise HTTPException(503, f"overloaded: {e}; retry shortly", headers={"Retry-After": "1"}) from None
-        self.accepted += 1
-        return job
+        return self.enqueue(job, scope)
 
     async def answer(self, job: GenJob) -> Answer:
         """The job's result, or the status that says why there is none."""

@@ -185,16 +185,20 @@ class ServedModel:
         if scope.pop(ARRIVING, False):
             self.batcher.arriving -= 1
 
-    async def run(self, inputs: dict[str, np.ndarray], scope: dict) -> np.ndarray:
-        """Logits for these rows, through the batcher, within the deadline."""
-        timeout = self.limits.timeout_s
-        job = Job(inputs, time.monotonic() + timeout, asyncio.get_running_loop())
+    def enqueue(self, job, scope: dict):
+        """Hand the job to the batcher (503 with Retry-After when its queue is full)."""
         self.arrived(scope)
         try:
             self.batcher.submit(job)
         except QueueFull as e:
             raise HTTPException(503, f"overloaded: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         self.accepted += 1
+        return job
+
+    async def run(self, inputs: dict[str, np.ndarray], scope: dict) -> np.ndarray:
+        """Logits for these rows, through the batcher, within the deadline."""
+        timeout = self.limits.timeout_s
+        job = self.enqueue(Job(inputs, time.monotonic() + timeout, asyncio.get_running_loop()), scope)
         try:
             return await asyncio.wait_for(job.future, timeout)
         except (asyncio.TimeoutError, DeadlineExceeded):

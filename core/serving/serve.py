@@ -7,6 +7,7 @@ accepted (uvicorn waits for them), then runs the batcher dry and returns."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -61,7 +62,8 @@ def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
     from mk.core.runtime import load_runtime
     from mk.core.serving.metrics import Metrics
 
-    load, served, warm = load_runtime, ServedModel, warm_up
+    # ONNX Runtime's threads sleep between batches: the event loop needs the cores then
+    load, served, warm = functools.partial(load_runtime, spin=False), ServedModel, warm_up
     if art.task == "text-generation":
         from mk.core.runtime.causal_runtime import CausalLM
         from mk.core.serving import generation
