@@ -293,10 +293,10 @@ class CausalLM:
             raise BadInput("the split has no completion tokens (every label is -100): no perplexity")
         return {"perplexity": math.exp(nll / count), "loss": nll / count, "tokens": count}
 
-    def exact_match(self, split: dict, batch_size: int = 8) -> dict:
+    def exact_match(self, split: dict, batch_size: int = 8, advance=None) -> dict:
         """Greedy answers to each row's prompt (input_ids[:prompt_length]) against its
         reference completion, both stripped and lower-cased; new tokens allowed: the
-        longest reference + 4."""
+        longest reference + 4. `advance(n)` is told of each batch done (progress)."""
         prompts, refs = [], []
         for ids, labels, n in zip(split["input_ids"], split["labels"], split["prompt_lengths"]):
             if n <= 0:
@@ -309,6 +309,8 @@ class CausalLM:
             out = self.generate(prompts[start:start + batch_size], sampling)
             for text, ref in zip(out.texts, refs[start:start + batch_size]):
                 hits += text.strip().lower() == self.decode(ref).strip().lower()
+            if advance is not None:
+                advance(len(out.texts))
         return {"exact_match": hits / len(prompts), "rows": len(prompts)}
 
     @property
