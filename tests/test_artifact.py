@@ -77,8 +77,11 @@ def test_atomic_output_leaves_nothing_on_failure_and_keeps_existing_output(tmp_p
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_in_the_middle_of_writing_leaves_nothing(tmp_path, sig):
+    # Ctrl-C's default handler set here: a test run started in the background of a
+    # non-interactive shell hands its children SIGINT ignored
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from mk.core.outputs import atomic_output
         with atomic_output({str(tmp_path / 'out')!r}) as tmp:
             (tmp / "part.bin").write_bytes(b"x" * 1000)
