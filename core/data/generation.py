@@ -236,16 +236,9 @@ class ExampleEncoder:
 
 def _chunks(tables, shape: Shape, plan, enc: ExampleEncoder):
     """(plan indices, prompt ids, completion ids) of every kept row, a chunk at a time."""
-    for t, table in enumerate(tables):
-        mine = np.flatnonzero(plan.src == t)
-        if not mine.size:
-            continue
-        lookup = np.full(int(plan.row[mine].max()) + 1, -1, np.int64)
-        lookup[plan.row[mine]] = mine
-        for rows, texts, pairs in base.text_chunks(table, shape.cols, np.sort(plan.row[mine])):
-            idx = lookup[rows]
-            answers = [plan.names[j] for j in plan.label[idx]] if shape.kind == "recipe" else None
-            yield (idx, *enc.encode(conversations(shape, table, rows, texts, pairs, answers)))
+    for table, rows, idx, texts, pairs in base.planned_chunks(tables, shape.cols, plan):
+        answers = [plan.names[j] for j in plan.label[idx]] if shape.kind == "recipe" else None
+        yield (idx, *enc.encode(conversations(shape, table, rows, texts, pairs, answers)))
 
 
 def measure(tables, shape: Shape, plan, enc: ExampleEncoder) -> tuple[np.ndarray, np.ndarray]:

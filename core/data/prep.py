@@ -456,6 +456,19 @@ def _describe(counts: dict) -> str:
 
 # ---------------------------------------------------------------- text pass 2
 
+def planned_chunks(tables, cols: Columns, plan: Plan):
+    """(table, source rows, plan indices, texts, pairs) of every planned row, table by
+    table, a chunk at a time, in source order (the order the files are read in)."""
+    for t, table in enumerate(tables):
+        mine = np.flatnonzero(plan.src == t)
+        if not mine.size:
+            continue
+        lookup = np.full(int(plan.row[mine].max()) + 1, -1, np.int64)
+        lookup[plan.row[mine]] = mine
+        for rows, texts, pairs in text_chunks(table, cols, np.sort(plan.row[mine])):
+            yield table, rows, lookup[rows], texts, pairs
+
+
 def text_chunks(table: Table, cols: Columns, rows: np.ndarray, chunk: int = CHUNK_ROWS):
     """Stream (row numbers, texts, pairs) of the wanted rows of a table, in order."""
     import polars as pl
@@ -529,21 +542,14 @@ def write_text_splits(root: Path, tables, cols: Columns, plan: Plan, encoder: Te
             labels[plan.pos[members]] = plan.label[members]
             writers[s].write(np.arange(counts[s]), {"labels": labels})
         with progress("tokenizing", total=len(plan.split)) as bar:
-            for t, table in enumerate(tables):
-                mine = np.flatnonzero(plan.src == t)
-                if not mine.size:
-                    continue
-                lookup = np.full(int(plan.row[mine].max()) + 1, -1, np.int64)
-                lookup[plan.row[mine]] = mine
-                for rows, texts, pairs in text_chunks(table, cols, np.sort(plan.row[mine])):
-                    arrays, cut = encoder.encode(texts, pairs)
-                    idx = lookup[rows]
-                    for i, s in enumerate(SPLITS):
-                        m = plan.split[idx] == i
-                        if m.any():
-                            writers[s].write(plan.pos[idx[m]], {k: v[m] for k, v in arrays.items()})
-                            truncated[i] += int(cut[m].sum())
-                    bar.advance(len(rows))
+            for _, rows, idx, texts, pairs in planned_chunks(tables, cols, plan):
+                arrays, cut = encoder.encode(texts, pairs)
+                for i, s in enumerate(SPLITS):
+                    m = plan.split[idx] == i
+                    if m.any():
+                        writers[s].write(plan.pos[idx[m]], {k: v[m] for k, v in arrays.items()})
+                        truncated[i] += int(cut[m].sum())
+                bar.advance(len(rows))
     finally:
         for w in writers.values():
             w.close()

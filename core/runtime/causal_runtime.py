@@ -94,7 +94,7 @@ class _Steps:
             self.on_tokens(value.reshape(-1).tolist())
 
     def end(self) -> None:
-        pass
+        """Called by `generate` when it is done; every step was recorded by put()."""
 
 
 def stop_at(text: str, stop) -> int | None:
