@@ -15,14 +15,18 @@ demo: setup
 demo-generate: setup
 	$(VENV)/mk demo --task generate -o $(DEMO_DIR)-generate --force
 
+# Tests run in parallel processes (pytest-xdist): many wait on servers and child processes,
+# so two workers finish sooner even on two cores; more than four only multiplies loaded models.
+PYTEST := $(VENV)/python -m pytest -q -n auto --maxprocesses 4
+
 test: setup
-	$(VENV)/python -m pytest -q -m "not gpu and not slow"
+	$(PYTEST) -m "not gpu and not slow"
 
 check: setup
-	$(VENV)/python -m pytest -q -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 test-all: setup
-	$(VENV)/python -m pytest -q
+	$(PYTEST)
 
 completions: setup
 	$(VENV)/python scripts/make_completions.py

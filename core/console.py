@@ -25,9 +25,28 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
 
     _state["verbosity"] = -1 if quiet else (1 if verbose else 0)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    log.handlers[:] = [RichHandler(console=console, show_time=False, show_path=False, markup=False)]
+    if sys.stderr.isatty():
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    else:
+        # rich pads and wraps every log line to the console's width: a long path would break one
+        # line in two for grep and CI logs. Off a terminal a log line is one plain line.
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it), as the
+    console does."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
 
 
 def quiet_onnxruntime() -> int:

@@ -210,6 +210,21 @@ def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=No
     return proc
 
 
+def mk_cli(*args: str, input: str | None = None, env: dict | None = None):
+    """`mk ARGS` in this process through typer's CliRunner, with run_mk's result fields
+    (returncode, stdout, stderr): for checks of an exit code and a message, without a
+    new interpreter that imports torch each time. An exception that escaped mk (which
+    a user would see as a traceback) fails the test."""
+    from typer.testing import CliRunner
+
+    from mk.cli.main import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
+
+
 def interrupt_at_first_checkpoint(args: list[str], out: Path, timeout: float = 120):
     """`mk ARGS -o OUT` in a subprocess, sent SIGTERM once its first checkpoint
     (OUT.ckpt/last.pt) is on disk: (the process, its stderr)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LABELS, copy_with_other_tokenizer, make_tiny_model, run_mk
+from conftest import copy_with_other_tokenizer, LABELS, make_tiny_model, mk_cli, run_mk
 from mk.core.errors import BadInput
 
 ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
@@ -240,14 +240,14 @@ def test_gate_exits_3_on_a_regression_and_0_within_allowance(offline, tmp_path):
 # ---------------------------------------------------------------- bad input --
 
 def test_bad_artifact_exit_2_names_it(arts, tmp_path):
-    proc = run_mk("bench", str(arts["onnx"]), str(tmp_path / "missing"), *FAST, env=ENV)
+    proc = mk_cli("bench", str(arts["onnx"]), str(tmp_path / "missing"), *FAST, env=ENV)
     assert proc.returncode == 2
     assert f"error: {tmp_path / 'missing'}: no such file or directory" in proc.stderr
 
     broken = tmp_path / "broken"
     shutil.copytree(arts["onnx"], broken)
     (broken / "model.onnx").write_bytes(b"not an onnx file")
-    proc = run_mk("bench", str(arts["onnx"]), str(broken), *FAST, env=ENV)
+    proc = mk_cli("bench", str(arts["onnx"]), str(broken), *FAST, env=ENV)
     assert proc.returncode == 2
     assert f"{broken / 'model.onnx'}" in proc.stderr and "cannot load" in proc.stderr
 
@@ -266,7 +266,7 @@ def test_bad_options_exit_2_before_measuring(arts, tmp_path):
                        (["--seq-lens", "999"], "longer than the model's 128 positions"),
                        # was reported as a missing CUDA provider
                        (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N")):
-        proc = run_mk("bench", onnx, *args, env=ENV)
+        proc = mk_cli("bench", onnx, *args, env=ENV)
         assert proc.returncode == 2, (args, proc.stderr)
         assert text in proc.stderr, (args, proc.stderr)
 
@@ -278,7 +278,7 @@ def test_option_values_that_were_silently_replaced_exit_2():
                        (["--url", "http://127.0.0.1:1", "--seq-lens", "16,128"], "over HTTP, one length per run"),
                        (["--url", "http://127.0.0.1:1", "--seq-lens", "data"], "--seq-lens data: no dataset"),
                        (["--url", "http://127.0.0.1:1", "--concurrency", ""], "--concurrency '': expected")):
-        proc = run_mk("bench", *args, env=ENV)
+        proc = mk_cli("bench", *args, env=ENV)
         assert proc.returncode == 2 and "error: " in proc.stderr and text in proc.stderr, (args, proc.stderr)
 
 
@@ -292,7 +292,7 @@ def test_pickled_folder_needs_trust_pickle_which_bench_has(tiny_model, tmp_path)
     shutil.copytree(tiny_model, pkl)
     torch.save(load_file(str(pkl / "model.safetensors")), pkl / "pytorch_model.bin")
     (pkl / "model.safetensors").unlink()
-    proc = run_mk("bench", str(pkl), *FAST, "--seq-lens", "8", env=ENV)
+    proc = mk_cli("bench", str(pkl), *FAST, "--seq-lens", "8", env=ENV)
     assert proc.returncode == 2 and "--trust-pickle" in proc.stderr, proc.stderr
     proc = run_mk("bench", str(pkl), *FAST, "--seq-lens", "8", "--trust-pickle", "--json", env=ENV)
     assert proc.returncode == 0, proc.stderr
@@ -304,7 +304,7 @@ def test_pickled_folder_needs_trust_pickle_which_bench_has(tiny_model, tmp_path)
 def test_data_from_another_tokenizer_is_refused(arts, tiny_dataset, tmp_path):
     # accuracy was measured (meaningless) on rows of another vocabulary
     other = copy_with_other_tokenizer(tiny_dataset, tmp_path / "other-data")
-    proc = run_mk("bench", str(arts["onnx"]), "--data", str(other), *FAST, env=ENV)
+    proc = mk_cli("bench", str(arts["onnx"]), "--data", str(other), *FAST, env=ENV)
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr and proc.stdout == "", proc.stderr
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_mk
+from conftest import mk_cli, run_mk
 
 ENV = {"COLUMNS": "220", "NO_COLOR": "1"}
 FAST = ["--threads", "1", "--rounds", "2", "--warmup-calls", "1"]
@@ -181,7 +181,7 @@ def test_the_gate_reads_causal_results_and_never_an_encoders(causal):
     (["--batch-sizes", "0"], "--batch-sizes '0': every value must be at least 1"),
 ])
 def test_bad_causal_options_exit_2_in_one_line(tiny_llm, tmp_path, args, message):
-    proc = run_mk("bench", str(tiny_llm), *args, "-o", str(tmp_path / "r.json"), env=ENV)
+    proc = mk_cli("bench", str(tiny_llm), *args, "-o", str(tmp_path / "r.json"), env=ENV)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2 and "Traceback" not in proc.stderr
     assert proc.stdout == "" and not (tmp_path / "r.json").exists()
@@ -194,7 +194,7 @@ def test_mixed_tasks_and_wrong_datasets_are_refused(tiny_llm, tiny_model, tiny_d
             ([str(tiny_llm), "--seq-lens", "16", "--data", str(tiny_dataset)],
              f"{tiny_dataset}: is a text-classification dataset; a causal LM is measured on a text-generation dataset"),
             ([str(tiny_model), "--new-tokens", "8"], "--new-tokens: only text-generation models generate")):
-        proc = run_mk("bench", *args, "--threads", "1", env=ENV)
+        proc = mk_cli("bench", *args, "--threads", "1", env=ENV)
         assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) <= 2 and proc.stdout == ""
 

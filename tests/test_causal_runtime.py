@@ -12,6 +12,7 @@ import pytest
 from conftest import run_mk
 
 
+@pytest.mark.slow  # the real 135 M model: a 40 s conversion, run by `make check` and CI
 def test_smollm2_converts_once_into_a_loadable_artifact_that_answers(smollm2_dir):
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import run_mk
+from conftest import mk_cli, run_mk
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_device_that_cannot_verify_is_exit_2_before_exporting(tmp_path, tiny_m
     for device, text in (("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
                          *(() if torch.cuda.is_available() else
                            (("cuda", "--device cuda: no CUDA GPU is visible to torch"),))):
-        r = run_mk("export-onnx", str(tiny_model), "-o", str(tmp_path / "o"), "--device", device)
+        r = mk_cli("export-onnx", str(tiny_model), "-o", str(tmp_path / "o"), "--device", device)
         assert r.returncode == 2 and text in r.stderr, r.stderr
         assert not (tmp_path / "o").exists()
 
@@ -144,7 +144,7 @@ def test_external_data_and_sample_sentences_without_a_dataset(tmp_path, tiny_mod
 
 def test_an_onnx_model_is_not_exported_again(exported, tmp_path):
     out, _ = exported
-    r = run_mk("export-onnx", str(out), "-o", str(tmp_path / "again"))
+    r = mk_cli("export-onnx", str(out), "-o", str(tmp_path / "again"))
     assert r.returncode == 2 and "already an ONNX model" in r.stderr and not (tmp_path / "again").exists()
     assert "`mk quant` takes ONNX models directly" in r.stderr
 
@@ -157,7 +157,7 @@ def test_a_tensorrt_engine_is_not_pointed_to_mk_quant(tmp_path):
     trt.mkdir()
     (trt / "model.plan").write_bytes(b"engine")
     write_manifest(trt, kind="model", format="tensorrt", labels=["a", "b"], task="text-classification")
-    r = run_mk("export-onnx", str(trt), "-o", str(tmp_path / "out"))
+    r = mk_cli("export-onnx", str(trt), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and "already a TensorRT model" in r.stderr and "mk quant" not in r.stderr, r.stderr
     assert "mk info --lineage" in r.stderr and not (tmp_path / "out").exists()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LABELS, copy_with_other_tokenizer, run_mk
+from conftest import copy_with_other_tokenizer, LABELS, mk_cli, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 
@@ -220,7 +220,7 @@ def test_corrupt_and_truncated_onnx(tmp_path, onnx_parent, tiny_dataset):
     for name, payload in [("garbage", b"\x08\x07this is not a protobuf" * 50), ("truncated", whole[: len(whole) // 2])]:
         src = _onnx_artifact(tmp_path, name, payload)
         out = tmp_path / f"out-{name}"
-        _refused(run_mk("quant", str(src), "-o", str(out), "--data", str(tiny_dataset)), out, "model.onnx")
+        _refused(mk_cli("quant", str(src), "-o", str(out), "--data", str(tiny_dataset)), out, "model.onnx")
 
 
 def test_onnx_without_recognisable_inputs(tmp_path, tiny_dataset):
@@ -231,14 +231,14 @@ def test_onnx_without_recognisable_inputs(tmp_path, tiny_dataset):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
     src = _onnx_artifact(tmp_path, "odd", model=helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     out = tmp_path / "out"
-    _refused(run_mk("quant", str(src), "-o", str(out), "--data", str(tiny_dataset)), out,
+    _refused(mk_cli("quant", str(src), "-o", str(out), "--data", str(tiny_dataset)), out,
              "no recognisable inputs", "input_ids")
 
 
 def test_calibration_data_from_another_tokenizer(tmp_path, onnx_parent, tiny_dataset):
     other = copy_with_other_tokenizer(tiny_dataset, tmp_path / "other-data")
     out = tmp_path / "out"
-    _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(other), "--method", "static"), out,
+    _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--data", str(other), "--method", "static"), out,
              "another tokenizer", "the model's has 30522")
 
 
@@ -248,11 +248,11 @@ def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_da
     int8 = tmp_path / "int8"
     quantize(onnx_parent, int8, data=tiny_dataset, gate=False)
     out = tmp_path / "int8-again"
-    _refused(run_mk("quant", str(int8), "-o", str(out), "--data", str(tiny_dataset)), out, "already quantized")
+    _refused(mk_cli("quant", str(int8), "-o", str(out), "--data", str(tiny_dataset)), out, "already quantized")
     # the graph alone gives it away too, without the manifest's record
     (int8 / "mk.json").unlink()
     bare = _onnx_artifact(tmp_path, "bare", (int8 / "model.onnx").read_bytes())
-    _refused(run_mk("quant", str(bare), "-o", str(out), "--data", str(tiny_dataset)), out,
+    _refused(mk_cli("quant", str(bare), "-o", str(out), "--data", str(tiny_dataset)), out,
              "already quantized", "MatMulInteger")
 
 
@@ -274,7 +274,7 @@ def test_gate_hint_suggests_only_settings_not_already_used():
 def test_op_types_that_match_nothing_are_refused(tmp_path, onnx_parent, tiny_dataset):
     # a typo in --op-types used to write an unquantized copy and exit 0
     out = tmp_path / "out"
-    _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), "--op-types", "Matmul"),
+    _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), "--op-types", "Matmul"),
              out, "--op-types Matmul", "nothing would be quantized", "MatMul")
 
 
@@ -369,14 +369,14 @@ def test_bad_gate_options_are_refused(tmp_path, onnx_parent, tiny_dataset):
     out = tmp_path / "out"
     for args, needle in ((["--confidence", "1.5"], "--confidence 1.5"), (["--confidence", "0.2"], "--confidence 0.2"),
                          (["--gate-test", "exact"], "--gate-test 'exact'")):
-        _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), *args), out, needle)
+        _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--data", str(tiny_dataset), *args), out, needle)
 
 
 def test_a_device_that_cannot_evaluate_is_refused_before_quantizing(tmp_path, onnx_parent, tiny_dataset):
     import torch
 
     out = tmp_path / "out"
-    _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--device", "tpu"), out, "--device 'tpu'")
+    _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--device", "tpu"), out, "--device 'tpu'")
     if not torch.cuda.is_available():
-        _refused(run_mk("quant", str(onnx_parent), "-o", str(out), "--device", "cuda"), out,
+        _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--device", "cuda"), out,
                  "--device cuda: no CUDA GPU is visible to torch")

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_mk
+from conftest import mk_cli, run_mk
 from mk.core.compression import profiles
 from mk.core.errors import BadInput
 
@@ -228,7 +228,7 @@ def test_export_trt_without_tensorrt_is_one_line_exit_2(tiny_model, tiny_dataset
     (["--gate-test", "exact"], "--gate-test 'exact'"),
 ])
 def test_export_trt_bad_options_are_exit_2_before_any_work(tiny_model, tiny_dataset, tmp_path, args, message):
-    r = run_mk("export-trt", str(tiny_model), "--data", str(tiny_dataset), "-o", str(tmp_path / "trt"), *args)
+    r = mk_cli("export-trt", str(tiny_model), "--data", str(tiny_dataset), "-o", str(tmp_path / "trt"), *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "trt").exists() and not (tmp_path / "trt-onnx").exists()
@@ -236,9 +236,9 @@ def test_export_trt_bad_options_are_exit_2_before_any_work(tiny_model, tiny_data
 
 def test_export_trt_refuses_an_engine_and_a_missing_dataset(tmp_path, tiny_model):
     engine = _engine_artifact(tmp_path)
-    r = run_mk("export-trt", str(engine), "-o", str(tmp_path / "again"))
+    r = mk_cli("export-trt", str(engine), "-o", str(tmp_path / "again"))
     assert r.returncode == 2 and "a tensorrt model cannot be built into an engine" in r.stderr
-    r = run_mk("export-trt", str(tiny_model), "-o", str(tmp_path / "nodata"))
+    r = mk_cli("export-trt", str(tiny_model), "-o", str(tmp_path / "nodata"))
     assert r.returncode == 2 and "--data" in r.stderr
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LABELS, interrupt_at_first_checkpoint, make_tiny_model, run_mk
+from conftest import interrupt_at_first_checkpoint, LABELS, make_tiny_model, mk_cli, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 # A fast, deterministic tiny run: small batches, no warm-up surprises.
@@ -161,10 +161,10 @@ def test_sigterm_checkpoints_exits_130_and_resume_reaches_the_same_weights(tiny_
     assert 0 < state["step"] < state["total_steps"]
 
     # without --resume the checkpoint is not thrown away
-    r = run_mk(*args, "-o", str(out))
+    r = mk_cli(*args, "-o", str(out))
     assert r.returncode == 2 and "--resume" in r.stderr and ckpt.is_file()
     # with other options, --resume refuses
-    r = run_mk(*args[:-2], "--seed", "4", "-o", str(out), "--resume")
+    r = mk_cli(*args[:-2], "--seed", "4", "-o", str(out), "--resume")
     assert r.returncode == 2 and "different run" in r.stderr
 
     r = run_mk(*args, "-o", str(out), "--resume")
@@ -374,7 +374,7 @@ def _other_tokenizer_dataset(tiny_dataset: Path, minilm_dir: Path, dest: Path) -
 
 def test_dataset_from_another_tokenizer_is_exit_2(tiny_dataset, tiny_model, minilm_dir, tmp_path):
     data = _other_tokenizer_dataset(tiny_dataset, minilm_dir, tmp_path / "other")
-    r = run_mk("tune", str(data), "--model", str(tiny_model), "-o", str(tmp_path / "t"), *FAST)
+    r = mk_cli("tune", str(data), "--model", str(tiny_model), "-o", str(tmp_path / "t"), *FAST)
     assert r.returncode == 2, r.stderr
     assert "another tokenizer" in r.stderr and "vocabulary of 5000" in r.stderr and r.stdout == ""
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.ckpt").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import interrupt_at_first_checkpoint, run_mk
+from conftest import interrupt_at_first_checkpoint, mk_cli, run_mk
 from generation_data import INSTRUCTION, make_generation_dataset, tweet_pairs
 
 MK = str(Path(sys.executable).with_name("mk"))
@@ -178,13 +178,13 @@ def _refused(r, out: Path, *words: str) -> None:
 
 def test_an_encoder_with_a_generation_dataset_is_refused(gen_dataset, tiny_model, tmp_path):
     out = tmp_path / "t"
-    _refused(run_mk("tune", str(gen_dataset), "-m", str(tiny_model), "-o", str(out), *FAST), out,
+    _refused(mk_cli("tune", str(gen_dataset), "-m", str(tiny_model), "-o", str(out), *FAST), out,
              "text-classification model", "text-generation")
 
 
 def test_a_causal_lm_with_a_classification_dataset_is_refused(tiny_dataset, tiny_llm, tmp_path):
     out = tmp_path / "t"
-    _refused(run_mk("tune", str(tiny_dataset), "-m", str(tiny_llm), "-o", str(out), *FAST), out,
+    _refused(mk_cli("tune", str(tiny_dataset), "-m", str(tiny_llm), "-o", str(out), *FAST), out,
              "causal LM", "text-classification")
 
 
@@ -196,7 +196,7 @@ def test_a_causal_lm_with_a_classification_dataset_is_refused(tiny_dataset, tiny
 ])
 def test_options_that_do_not_apply_are_refused(gen_dataset, tiny_llm, tmp_path, args, words):
     out = tmp_path / "t"
-    _refused(run_mk("tune", str(gen_dataset), "-m", str(tiny_llm), "-o", str(out), *args, *FAST), out, *words)
+    _refused(mk_cli("tune", str(gen_dataset), "-m", str(tiny_llm), "-o", str(out), *args, *FAST), out, *words)
 
 
 def test_sequences_beyond_the_context_and_foreign_splits_are_refused(gen_dataset, llm_tokenizer_dir, tiny_llm,
