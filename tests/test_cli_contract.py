@@ -212,6 +212,7 @@ def test_onnx_runtime_log_lines_stay_off_stderr_unless_verbose(tmp_path):
         assert r.returncode == 0 and ("Removing initializer" in r.stderr) == shown, r.stderr
 
 
+@pytest.mark.slow  # an end-to-end chain of real mk processes: `make check` and CI run it
 def test_the_readme_makefile_runs_from_an_empty_folder(tmp_path, tiny_model, tweets_rows):
     """`make -f scripts/Makefile OUT=…` in a fresh folder: each -o's missing parents are
     made (it stopped at its first step with "the output's parent folder does not exist")."""

@@ -144,6 +144,7 @@ def test_magnitude_needs_no_data(tmp_path, varied_model):
     assert m["params"] <= 990_000 and "accuracy" not in m
 
 
+@pytest.mark.slow  # an end-to-end chain of real mk processes: `make check` and CI run it
 def test_the_recovery_pipe_distils_then_quantizes(tmp_path, varied_model, tiny_dataset):
     """mk prune MODEL -o p && mk tune DATA --model p --teacher MODEL -o p-tuned, then
     mk quant on the result: the pruned model is a valid input to the next steps."""

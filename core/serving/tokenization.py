@@ -47,8 +47,9 @@ class TextEncoder:
             n = max(len(encs[i].ids) for i in over)
             raise TooLong(f"{len(over)} input(s) longer than the model's {self.max_length} tokens "
                           f"(the longest has {n}; input {over[0]} is the first); truncation is off")
-        for i, e in zip(over, self.cut.encode_batch([items[i] for i in over])):
-            encs[i] = e
+        if over:
+            for i, e in zip(over, self.cut.encode_batch([items[i] for i in over])):
+                encs[i] = e
         width = max(len(e.ids) for e in encs)
         ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
         types = np.zeros((len(encs), width), dtype=np.int64)
