@@ -15,8 +15,9 @@ On the same texts (the test split's, as `mk bench --url --data` sends them):
 
 Servers run side by side (idle when not measured); every round measures all of
 them at every level in turn (interleaved), and the table shows medians over the
-rounds. Targets at concurrency 32: >= 85 % of the best in-process throughput and
->= 3x the naive server; p99 at concurrency 1 within 3 ms of in-process batch-1
+rounds. Each server row also gives the CPU time per request of the server process
+and of the client (this process, where `mk bench --url` runs). Targets at
+concurrency 32: >= 85 % of the best in-process throughput and >= 3x the naive server; p99 at concurrency 1 within 3 ms of in-process batch-1
 p99 plus tokenization.
 """
 
@@ -163,12 +164,24 @@ def tokenization_ms(model: str, data: str) -> float:
     return statistics.median(times) * 1000
 
 
-def over_http(url: str, data: str, c: int, duration: float) -> dict:
+def over_http(url: str, server: subprocess.Popen, data: str, c: int, duration: float) -> dict:
+    """`mk bench --url` (in this process) at one concurrency, with the CPU time each
+    side spent per request: the server's from its process, the client's from ours."""
+    import psutil
+
     from mk.core.measurement import http_bench
 
+    def cpu_s(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    server_p, client_p = psutil.Process(server.pid), psutil.Process()
+    s0, c0 = cpu_s(server_p), cpu_s(client_p)
     r = http_bench.run(url, [c], duration, None, [1], 128, data=data, wait=60)["results"][0]
+    n = max(r["requests"], 1)
     return {"rps": r["throughput_rps"], "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
-            "errors": r["errors"], "inputs": None}
+            "errors": r["errors"], "server_cpu_ms": 1000 * (cpu_s(server_p) - s0) / n,
+            "client_cpu_ms": 1000 * (cpu_s(client_p) - c0) / n}
 
 
 def med(values: list) -> float | None:
@@ -194,9 +207,9 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             runs.setdefault("in-process", []).append(in_process(args.model, args.data))
-            for name, (url, _) in servers.items():
+            for name, (url, proc) in servers.items():
                 for c in levels:
-                    runs.setdefault((name, c), []).append(over_http(url, args.data, c, args.duration))
+                    runs.setdefault((name, c), []).append(over_http(url, proc, args.data, c, args.duration))
             print(f"round {r + 1}/{args.rounds} done; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     finally:
         for _, proc in servers.values():
@@ -214,14 +227,17 @@ def report(args, runs: dict, levels: list[int], servers: dict, tok_ms: float) ->
     for name in servers:
         for c in levels:
             xs = runs[(name, c)]
-            table[(name, c)] = {"rps": med([x["rps"] for x in xs]), "p50_ms": med([x["p50_ms"] for x in xs]),
-                                "p99_ms": med([x["p99_ms"] for x in xs]), "errors": sum(x["errors"] for x in xs)}
+            table[(name, c)] = {**{k: med([x[k] for x in xs]) for k in ("rps", "p50_ms", "p99_ms", "server_cpu_ms",
+                                                                        "client_cpu_ms")},
+                                "errors": sum(x["errors"] for x in xs)}
             rows.append({"what": f"{name} c={c}", "samples_s": table[(name, c)]["rps"], **table[(name, c)]})
     print(f"CPU: {cpu()}; medians of {args.rounds} interleaved rounds; tokenization {tok_ms:.2f} ms/text")
-    print(f"{'':24} {'samples/s':>10} {'vs best in-proc':>16} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'':24} {'samples/s':>10} {'vs best in-proc':>16} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'server CPU ms/req':>18} {'client CPU ms/req':>18}")
     for row in rows:
         print(f"{row['what']:24} {row['samples_s']:>10} {row['samples_s'] / best:>15.2f}x "
-              f"{row['p50_ms']:>8} {row['p99_ms']:>8}")
+              f"{row['p50_ms']:>8} {row['p99_ms']:>8} {row.get('server_cpu_ms', '–'):>18} "
+              f"{row.get('client_cpu_ms', '–'):>18}")
     checks = {}
     if ("mk serve", 32) in table:
         c32 = table[("mk serve", 32)]["rps"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mk.core.console import log
+from mk.core.errors import first_line
 
 
 class QueueFull(Exception):
@@ -161,7 +162,6 @@ class Batcher:
 def fail(jobs: list[Job], e: Exception, rows: int) -> None:
     """The runtime raised on a batch: each of its requests gets the error (a 500)."""
     log.warning("inference failed on a batch of %d: %s: %s", rows, type(e).__name__, e)
-    error = InferenceFailed(f"inference failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                            if str(e) else f"inference failed: {type(e).__name__}")
+    error = InferenceFailed(f"inference failed: {type(e).__name__}" + (f": {first_line(e)}" if str(e).strip() else ""))
     for j in jobs:
         j.finish(error=error)

@@ -26,7 +26,7 @@ from mk.core.artifact import Artifact
 from mk.core.runtime.causal_runtime import CausalLM, Sampling, stop_at
 from mk.core.serving.batcher import Batcher, DeadlineExceeded, InferenceFailed, Job, fail
 from mk.core.serving.metrics import LATENCY_BUCKETS
-from mk.core.serving.model import Limits, ServedModel
+from mk.core.serving.model import Limits, QueuedModel
 
 TASK = "text-generation"
 _arrival = itertools.count()
@@ -174,14 +174,11 @@ def add_metrics(metrics) -> None:
                              buckets=LATENCY_BUCKETS, registry=reg)
 
 
-class GenerationModel:
+class GenerationModel(QueuedModel):
     """The served causal LM: its runtime, batcher and metrics, as the app and the
     Guard middleware use a ServedModel."""
 
     task = TASK
-    arrived = ServedModel.arrived  # the same bookkeeping of requests still arriving
-    enqueue = ServedModel.enqueue  # the same queue bound and 503
-    check_name = ServedModel.check_name
 
     def __init__(self, art: Artifact, name: str, lm: CausalLM, limits: Limits, metrics):
         self.art, self.name, self.lm, self.runtime, self.limits = art, name, lm, lm, limits

@@ -42,7 +42,33 @@ def _bad(message: str, status: int = 400) -> HTTPException:
     return HTTPException(status, message)
 
 
-class ServedModel:
+class QueuedModel:
+    """What every served model does with a request before its runtime sees it: the
+    name check, the count of requests still arriving, and the bounded queue.
+    Subclasses set name, batcher and accepted."""
+
+    def check_name(self, name: str, version: str | None) -> None:
+        if name != self.name or version not in (None, "1"):
+            raise _bad(f"no model {name!r}" + (f" version {version}" if version else "")
+                       + f"; this server serves {self.name!r}", 404)
+
+    def arrived(self, scope: dict) -> None:
+        """The request no longer counts as arriving (the batcher waits only for those)."""
+        if scope.pop(ARRIVING, False):
+            self.batcher.arriving -= 1
+
+    def enqueue(self, job, scope: dict):
+        """Hand the job to the batcher (503 with Retry-After when its queue is full)."""
+        self.arrived(scope)
+        try:
+            self.batcher.submit(job)
+        except QueueFull as e:
+            raise HTTPException(503, f"overloaded: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        self.accepted += 1
+        return job
+
+
+class ServedModel(QueuedModel):
     def __init__(self, art: Artifact, name: str, runtime, limits: Limits, metrics):
         self.art, self.name, self.runtime, self.limits, self.metrics = art, name, runtime, limits, metrics
         self.labels = [str(l) for l in art.labels]
@@ -55,11 +81,6 @@ class ServedModel:
         self.accepted = 0  # inference requests that reached the batcher
         self.batcher = Batcher(runtime, self.encoder.pad_id, limits.max_batch_size, limits.max_wait_ms,
                                limits.max_queue, metrics)
-
-    def check_name(self, name: str, version: str | None) -> None:
-        if name != self.name or version not in (None, "1"):
-            raise _bad(f"no model {name!r}" + (f" version {version}" if version else "")
-                       + f"; this server serves {self.name!r}", 404)
 
     def metadata(self) -> dict:
         def t(name, datatype, shape, optional=True):
@@ -179,21 +200,6 @@ class ServedModel:
         return batch
 
     # --------------------------------------------------------------- running --
-
-    def arrived(self, scope: dict) -> None:
-        """The request no longer counts as arriving (the batcher waits only for those)."""
-        if scope.pop(ARRIVING, False):
-            self.batcher.arriving -= 1
-
-    def enqueue(self, job, scope: dict):
-        """Hand the job to the batcher (503 with Retry-After when its queue is full)."""
-        self.arrived(scope)
-        try:
-            self.batcher.submit(job)
-        except QueueFull as e:
-            raise HTTPException(503, f"overloaded: {e}; retry shortly", headers={"Retry-After": "1"}) from None
-        self.accepted += 1
-        return job
 
     async def run(self, inputs: dict[str, np.ndarray], scope: dict) -> np.ndarray:
         """Logits for these rows, through the batcher, within the deadline."""

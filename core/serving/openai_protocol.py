@@ -103,36 +103,37 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatChoice(_Choice):
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
 
 
-class Completion(BaseModel):
+class _Answer(BaseModel):
+    """What a chat completion and a text completion share; each adds its `object` and choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class ModelCard(BaseModel):

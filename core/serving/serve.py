@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mk.core.artifact import Artifact
 from mk.core.console import log
-from mk.core.errors import BadInput, MkError
+from mk.core.errors import BadInput, MkError, first_line
 from mk.core.serving.model import Limits, ServedModel
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -81,8 +81,7 @@ def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
         warm(model)
     except Exception as e:  # noqa: BLE001 — a model that cannot answer is refused before listening
         model.batcher.stop()
-        raise BadInput(f"{art.path}: cannot be served ({type(e).__name__}: {str(e).splitlines()[0][:300]})") \
-            from None
+        raise BadInput(f"{art.path}: cannot be served ({type(e).__name__}: {first_line(e)})") from None
     return model
 
 

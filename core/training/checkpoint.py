@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.errors import BadInput
+from mk.core.errors import BadInput, first_line
 from mk.core.training.distributed import Dist
 from mk.core.training.train_log import LOG_NAME, TrainLog
 
@@ -109,7 +109,7 @@ def load_checkpoint(ckpt: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise BadInput(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})",
+        raise BadInput(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})",
                        hint="run with --force instead of --resume to start over") from None
 
 
