@@ -1,5 +1,6 @@
 """The dynamic batcher on a real (tiny) runtime: padding to the batch's own
-longest row, length bucketing, and a failing batch failing only its requests."""
+longest row, length bucketing, cutting a batch into the calls that cost least,
+and a failing batch failing only its requests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from mk.core.serving.batcher import Batcher, InferenceFailed, Job, pad_batch
+from mk.core.serving.batcher import Batcher, CallCost, InferenceFailed, Job, pad_batch
 from mk.core.serving.metrics import Metrics
 
 
@@ -68,3 +69,42 @@ def test_a_failing_batch_fails_only_its_requests(runtime):
         finally:
             b.stop()
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fixed, per_token, expected", [
+    (1.0, 0.0, [[10, 11, 12, 58, 60, 60]]),           # a GPU: a call costs the same whatever its padding
+    (0.0, 1.0, [[10], [11], [12], [58], [60, 60]]),   # no fixed cost: every width its own call, ties together
+    (10.0, 1.0, [[10, 11, 12], [58, 60, 60]]),         # both: similar lengths together (176 against 370 for one call)
+])
+def test_a_batch_is_cut_into_the_calls_that_cost_least(fixed, per_token, expected):
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [Job(rows(1, w), 0, loop) for w in (60, 10, 58, 12, 60, 11)]
+        calls = CallCost(fixed, per_token).calls(jobs)
+    finally:
+        loop.close()
+    assert [[j.width for j in call] for call in calls] == expected
+
+
+def test_the_cost_of_a_call_is_measured_and_a_split_batch_answers_each_job(runtime):
+    cost = CallCost.measure(runtime, rows(1, 4), rows(64, 128))  # 2,048 times the tokens: costs more
+    assert cost.per_token_s > 0 and cost.fixed_s >= 0
+
+    async def scenario():
+        b = Batcher(runtime, 0, max_batch_size=8, max_wait_ms=0, max_queue=100, metrics=Metrics("m", {}))
+        b.cost = CallCost(0.0, 1.0)  # every width its own call
+        loop = asyncio.get_running_loop()
+        jobs = [Job(rows(1, w, first=1000 + w), float("inf"), loop) for w in (3, 9, 5)] + [
+            Job(rows(2, 9), float("inf"), loop)]
+        try:
+            with b.cond:  # the worker takes nothing until all four wait: one batch
+                for j in jobs:
+                    b.submit(j)
+            for j in jobs:
+                assert np.allclose(await asyncio.wait_for(j.future, 30), runtime(j.inputs), atol=1e-5)
+        finally:
+            b.stop()
+        return b.metrics
+    metrics = asyncio.run(scenario())
+    calls = metrics.batch_size.collect()[0].samples
+    assert {s.value for s in calls if s.name.endswith("_count")} == {3}  # widths 3, 5 and 9: three calls

@@ -22,6 +22,7 @@ from pathlib import Path
 from mk.core.artifact import Artifact
 from mk.core.console import log
 from mk.core.errors import BadInput, MkError, first_line
+from mk.core.serving.batcher import CallCost
 from mk.core.serving.model import Limits, ServedModel
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -86,12 +87,18 @@ def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
 
 
 def warm_up(model: ServedModel) -> None:
-    """One call per batch size a first burst brings, so that no client pays for
-    the runtime's first-call setup (ids from the tokenizer: always in the vocabulary)."""
+    """One call per batch size a first burst brings, so that no client pays for the
+    runtime's first-call setup; then a short and a long call timed, for the batcher's
+    cost of a call (ids from the tokenizer: always in the vocabulary)."""
     text = "The quick brown fox jumps over the lazy dog, twice."
     for n in sorted({1, model.limits.max_batch_size}):
         inputs, _ = model.encoder.encode([text] * n, None, truncate=True)
         model.runtime(inputs)
+    small, _ = model.encoder.encode([text], None, truncate=True)
+    large, _ = model.encoder.encode([" ".join([text] * 4)] * min(model.limits.max_batch_size, 32), None, truncate=True)
+    model.runtime(large)
+    model.batcher.cost = cost = CallCost.measure(model.runtime, small, large)
+    log.debug("a runtime call costs %.2f ms + %.4f ms per padded token", cost.fixed_s * 1e3, cost.per_token_s * 1e3)
 
 
 def bind(host: str, port: int) -> socket.socket:
