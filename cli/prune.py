@@ -17,14 +17,15 @@ def prune(
     model: Annotated[Optional[Path], options.input_argument("Fine-tuned model artifact (from `mk tune`).")] = None,
     output: options.Output = ...,
     data: options.Data = None,
-    layers: Annotated[Optional[int], typer.Option("--layers", help="Layers to keep.")] = None,
+    layers: Annotated[Optional[int], typer.Option(
+        "--layers", help="Layers to keep [default when no other target: half of them].")] = None,
     ffn: Annotated[Optional[float], typer.Option("--ffn", help="Fraction of every layer's feed-forward neurons "
-                                                 "to remove, in [0, 1).")] = None,
+                                                 "to remove, in [0, 1) [default when no other target: 0.5].")] = None,
     heads: Annotated[Optional[float], typer.Option("--heads", help="Fraction of attention heads to remove: "
                                                    "refused, no stock BERT-style config can express it.")] = None,
     target_flops: Annotated[Optional[float], typer.Option(
         "--target-flops", help="Fraction of FLOPs per sequence to keep; layers and neurons are chosen by "
-                               "importance [default when no other target: 0.5].")] = None,
+                               "importance.")] = None,
     target_params: Annotated[Optional[float], typer.Option(
         "--target-params", help="Parameters to keep (e.g. 15e6); layers and neurons chosen by importance.")] = None,
     importance: Annotated[str, typer.Option(

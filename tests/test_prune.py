@@ -136,6 +136,18 @@ def test_target_flops_is_met_and_the_search_is_recorded(tmp_path, varied_model, 
     assert "FLOPs per 128-token sequence" in r.stderr and "test accuracy" in r.stderr
 
 
+def test_with_no_target_half_the_layers_and_half_of_every_ffn_go(tmp_path, varied_model, tiny_dataset):
+    parent = json.loads((varied_model / "config.json").read_text())
+    r = runner.invoke(app, ["prune", str(varied_model), "--data", str(tiny_dataset), "-o", str(tmp_path / "p"),
+                            "--json"])
+    assert r.exit_code == 0, r.stderr
+    pruning = json.loads(r.stdout)["pruning"]
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert pruning["targets"] == {"layers": parent["num_hidden_layers"] // 2, "ffn": 0.5}
+    assert config["num_hidden_layers"] == parent["num_hidden_layers"] // 2 == len(pruning["kept"]["layers"])
+    assert config["intermediate_size"] == parent["intermediate_size"] // 2
+
+
 def test_magnitude_needs_no_data(tmp_path, varied_model):
     r = runner.invoke(app, ["prune", str(varied_model), "--importance", "magnitude", "--target-params",
                             "990000", "-o", str(tmp_path / "p"), "--json"])

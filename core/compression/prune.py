@@ -11,7 +11,8 @@ train split of the dataset in the lineage (or --data), see `structured`:
 - `--target-flops F` (fraction of FLOPs kept) or `--target-params N` choose
   among both greedily: each step takes whichever of "drop the next layer" and
   "remove another eighth of the FFN neurons" raises the calibration loss least
-  per FLOP (or parameter) saved, until the target is met.
+  per FLOP (or parameter) saved, until the target is met;
+- with none of these, half the layers and half of every FFN (DEFAULT_FFN).
 
 The parent and the result are evaluated on the test split through the runtime
 interface `mk bench` uses (the result reloaded from disk with stock
@@ -37,7 +38,13 @@ from mk.core.outputs import atomic_output, check_output
 
 IMPORTANCE = ("taylor", "magnitude")
 FFN_STEP = 1 / 8  # the granularity of the FFN in a target search
-DEFAULT_TARGET_FLOPS = 0.5
+# With no target: keep half the layers and half of every FFN. DistilBERT's depth (Sanh et al.
+# 2019), with the neurons and layers chosen by importance; distilled for mk tune's default 3
+# epochs it kept accuracy within 1.25 points on two datasets, at 4.8-4.9x the speed in int8
+# (README, `mk prune`). The FLOPs target it replaced (0.5) kept 4 or 5 of 6 layers, for 3.4-3.9x:
+# FLOPs leave out the norms, softmax, mask and reshapes that every layer carries whatever its FFN
+# width, 38% of the time of the pruned int8 MiniLM at 128 tokens (ONNX Runtime's profiler).
+DEFAULT_FFN = 0.5
 
 
 @dataclass
@@ -280,8 +287,7 @@ def prune(model: str | Path, out: str | Path, targets: PruneTargets | None = Non
     if calib_size < 1:
         raise BadInput(f"--calib-size {calib_size}: needs at least one row")
     targets.check()
-    if not targets.searched and targets.layers is None and targets.ffn is None:
-        targets.target_flops = DEFAULT_TARGET_FLOPS
+    default = not targets.searched and targets.layers is None and targets.ffn is None
     art = open_artifact(model, kind="model")
     _check_model(art)
     out = check_output(Path(out), force, inputs=[art.path, data])
@@ -290,6 +296,8 @@ def prune(model: str | Path, out: str | Path, targets: PruneTargets | None = Non
     torch.manual_seed(seed)
     net = load_classifier(art.path, art.task).to(device).eval()
     sizes = Sizes(net)
+    if default:
+        targets.layers, targets.ffn = max(1, sizes.layers // 2), DEFAULT_FFN
     _check_reachable(targets, sizes, art.path)
 
     test = load_split(ds, "test") if ds is not None and (ds.path / "test.safetensors").is_file() else None
