@@ -143,7 +143,7 @@ def test_with_no_target_half_the_layers_and_half_of_every_ffn_go(tmp_path, varie
     assert r.exit_code == 0, r.stderr
     pruning = json.loads(r.stdout)["pruning"]
     config = json.loads((tmp_path / "p" / "config.json").read_text())
-    assert pruning["targets"] == {"layers": parent["num_hidden_layers"] // 2, "ffn": 0.5}
+    assert pruning["targets"] == {"layers": parent["num_hidden_layers"] // 2, "ffn": 0.5, "default": True}
     assert config["num_hidden_layers"] == parent["num_hidden_layers"] // 2 == len(pruning["kept"]["layers"])
     assert config["intermediate_size"] == parent["intermediate_size"] // 2
 

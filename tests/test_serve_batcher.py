@@ -5,11 +5,12 @@ and a failing batch failing only its requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
-from mk.core.serving.batcher import Batcher, CallCost, InferenceFailed, Job, pad_batch
+from mk.core.serving.batcher import Batcher, CallCost, DeadlineExceeded, InferenceFailed, Job, pad_batch
 from mk.core.serving.metrics import Metrics
 
 
@@ -74,7 +75,7 @@ def test_a_failing_batch_fails_only_its_requests(runtime):
 @pytest.mark.parametrize("fixed, per_token, expected", [
     (1.0, 0.0, [[10, 11, 12, 58, 60, 60]]),           # a GPU: a call costs the same whatever its padding
     (0.0, 1.0, [[10], [11], [12], [58], [60, 60]]),   # no fixed cost: every width its own call, ties together
-    (10.0, 1.0, [[10, 11, 12], [58, 60, 60]]),         # both: similar lengths together (176 against 370 for one call)
+    (10.0, 1.0, [[10, 11, 12], [58, 60, 60]]),         # both: similar lengths together (236 against 370 for one call)
 ])
 def test_a_batch_is_cut_into_the_calls_that_cost_least(fixed, per_token, expected):
     loop = asyncio.new_event_loop()
@@ -88,7 +89,8 @@ def test_a_batch_is_cut_into_the_calls_that_cost_least(fixed, per_token, expecte
 
 def test_the_cost_of_a_call_is_measured_and_a_split_batch_answers_each_job(runtime):
     cost = CallCost.measure(runtime, rows(1, 4), rows(64, 128))  # 2,048 times the tokens: costs more
-    assert cost.per_token_s > 0 and cost.fixed_s >= 0
+    assert cost.per_token_s > 0
+    assert CallCost.measure(runtime, rows(2, 8), rows(2, 8)).per_token_s == 0  # one size: nothing to fit
 
     async def scenario():
         b = Batcher(runtime, 0, max_batch_size=8, max_wait_ms=0, max_queue=100, metrics=Metrics("m", {}))
@@ -108,3 +110,29 @@ def test_the_cost_of_a_call_is_measured_and_a_split_batch_answers_each_job(runti
     metrics = asyncio.run(scenario())
     calls = metrics.batch_size.collect()[0].samples
     assert {s.value for s in calls if s.name.endswith("_count")} == {3}  # widths 3, 5 and 9: three calls
+
+
+def test_a_job_whose_deadline_passes_during_an_earlier_call_is_not_started(runtime):
+    calls = []
+
+    def slow(batch):  # the first call takes longer than the second job may wait
+        calls.append(batch["input_ids"].shape)
+        time.sleep(0.3)
+        return runtime(batch)
+
+    async def scenario():
+        b = Batcher(slow, 0, max_batch_size=8, max_wait_ms=0, max_queue=100, metrics=Metrics("m", {}))
+        b.cost = CallCost(0.0, 1.0)  # every width its own call, the shortest first
+        loop = asyncio.get_running_loop()
+        first, late = Job(rows(1, 3), float("inf"), loop), Job(rows(1, 9), time.monotonic() + 0.15, loop)
+        try:
+            with b.cond:
+                b.submit(first)
+                b.submit(late)
+            assert (await asyncio.wait_for(first.future, 30)).shape == (1, 3)
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(late.future, 30)
+        finally:
+            b.stop()
+    asyncio.run(scenario())
+    assert calls == [(1, 3)]  # the late job never reached the runtime

@@ -41,7 +41,7 @@ FFN_STEP = 1 / 8  # the granularity of the FFN in a target search
 # With no target: keep half the layers and half of every FFN. DistilBERT's depth (Sanh et al.
 # 2019), with the neurons and layers chosen by importance; distilled for mk tune's default 3
 # epochs it kept accuracy within 1.25 points on two datasets, at 4.8-4.9x the speed in int8
-# (README, `mk prune`). The FLOPs target it replaced (0.5) kept 4 or 5 of 6 layers, for 3.4-3.9x:
+# (README, `mk prune`). The FLOPs target it replaced (0.5) kept 4 or 5 of 6 layers, 3.5-3.9x on that host:
 # FLOPs leave out the norms, softmax, mask and reshapes that every layer carries whatever its FFN
 # width, 38% of the time of the pruned int8 MiniLM at 128 tokens (ONNX Runtime's profiler).
 DEFAULT_FFN = 0.5
@@ -311,7 +311,8 @@ def prune(model: str | Path, out: str | Path, targets: PruneTargets | None = Non
     keep_neurons = ([st.kept_neurons(neuron_scores[i], plan.fraction) for i in keep_layers]
                     if plan.fraction else None)
     st.remove(net, keep_layers, keep_neurons)
-    record = {"importance": importance, "targets": {k: v for k, v in asdict(targets).items() if v is not None},
+    record = {"importance": importance, "targets": {**{k: v for k, v in asdict(targets).items() if v is not None},
+                                                        **({"default": True} if default else {})},
               "calibration": calib_info, "removed": {"layers": sorted(plan.drop), "ffn_fraction": plan.fraction,
               "ffn_neurons_per_layer": sizes.ffn - sizes.neurons(plan.fraction)},
               "kept": {"layers": keep_layers, "intermediate_size": sizes.neurons(plan.fraction)},

@@ -63,7 +63,7 @@ def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
     from mk.core.runtime import load_runtime
     from mk.core.serving.metrics import Metrics
 
-    # ONNX Runtime's threads sleep between batches: the event loop needs the cores then
+    # ONNX Runtime's threads sleep between calls: the event loop needs the cores then
     load, served, warm = functools.partial(load_runtime, spin=False), ServedModel, warm_up
     if art.task == "text-generation":
         from mk.core.runtime.causal_runtime import CausalLM
@@ -91,12 +91,11 @@ def warm_up(model: ServedModel) -> None:
     runtime's first-call setup; then a short and a long call timed, for the batcher's
     cost of a call (ids from the tokenizer: always in the vocabulary)."""
     text = "The quick brown fox jumps over the lazy dog, twice."
-    for n in sorted({1, model.limits.max_batch_size}):
-        inputs, _ = model.encoder.encode([text] * n, None, truncate=True)
-        model.runtime(inputs)
     small, _ = model.encoder.encode([text], None, truncate=True)
+    full, _ = model.encoder.encode([text] * model.limits.max_batch_size, None, truncate=True)
     large, _ = model.encoder.encode([" ".join([text] * 4)] * min(model.limits.max_batch_size, 32), None, truncate=True)
-    model.runtime(large)
+    for inputs in (small, full, large):
+        model.runtime(inputs)
     model.batcher.cost = cost = CallCost.measure(model.runtime, small, large)
     log.debug("a runtime call costs %.2f ms + %.4f ms per padded token", cost.fixed_s * 1e3, cost.per_token_s * 1e3)
 
@@ -164,13 +163,17 @@ def run(art: Artifact, opts: ServeOptions, api_key: str | None, on_ready) -> Non
 def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, on_ready) -> None:
     from uvicorn.supervisors import Multiprocess
 
-    load_model(art, opts).batcher.stop()  # fails here, once, with a clear line, rather than in every worker
+    # fails here, once, with a clear line, rather than in every worker; and times the runtime's calls
+    # alone, where the workers, warming up together on the same cores, would time them contended
+    parent = load_model(art, opts)
+    parent.batcher.stop()
+    cost = getattr(parent.batcher, "cost", None)
     with tempfile.TemporaryDirectory(prefix="mk-serve-") as tmp:
         ready_dir, metrics_dir = Path(tmp, "ready"), Path(tmp, "metrics")
         ready_dir.mkdir()
         metrics_dir.mkdir()
-        env = {_WORKER_ENV: json.dumps({"path": str(art.path), "ready_dir": str(ready_dir),
-                                        "options": asdict(opts)}),
+        env = {_WORKER_ENV: json.dumps({"path": str(art.path), "ready_dir": str(ready_dir), "options": asdict(opts),
+                                        "cost": asdict(cost) if cost else None}),
                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         if api_key:
             env["MK_API_KEY"] = api_key
@@ -195,5 +198,7 @@ def worker_app():
     options = spec["options"]
     opts = ServeOptions(**{**options, "limits": Limits(**options["limits"])})
     model = load_model(open_artifact(spec["path"], kind="model"), opts)
+    if spec["cost"]:
+        model.batcher.cost = CallCost(**spec["cost"])
     ready = Path(spec["ready_dir"], str(os.getpid()))
     return create_app(model, os.environ.get("MK_API_KEY"), ready.touch)

@@ -1,5 +1,5 @@
 """Texts to token ids with the artifact's own (fast) tokenizer, unpadded: the
-batcher pads each batch to its own longest row."""
+batcher pads each runtime call to its own longest row."""
 
 from __future__ import annotations
 
