@@ -17,8 +17,8 @@ Servers run side by side (idle when not measured); every round measures all of
 them at every level in turn (interleaved), and the table shows medians over the
 rounds. Each server row also gives the CPU time per request of the server process
 and of the client (this process, where `mk bench --url` runs). Targets at
-concurrency 32: >= 85 % of the best in-process throughput and >= 3x the naive server; p99 at concurrency 1 within 3 ms of in-process batch-1
-p99 plus tokenization.
+concurrency 32: >= 85 % of the best in-process throughput and >= 3x the naive
+server; p99 at concurrency 1 within 3 ms of in-process batch-1 p99 plus tokenization.
 """
 
 from __future__ import annotations

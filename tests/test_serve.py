@@ -457,6 +457,28 @@ def test_serve_bad_device_exit_2_before_listening(served_model):
     assert "Traceback" not in proc.stderr and "loading" not in proc.stderr and proc.stdout == ""
 
 
+def test_a_worker_takes_the_cost_of_a_call_its_parent_measured(served_model, monkeypatch, tmp_path):
+    """The workers of --workers N warm up together on the same cores: they take the cost
+    the parent timed alone instead of timing the calls again, contended."""
+    from dataclasses import asdict
+
+    from mk.core.serving import app, serve
+    from mk.core.serving.batcher import CallCost
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("a worker timed the runtime's calls again")
+
+    served = []
+    monkeypatch.setattr(CallCost, "measure", timed_again)
+    monkeypatch.setattr(app, "create_app", lambda model, *args: served.append(model))
+    monkeypatch.setenv(serve._WORKER_ENV, json.dumps({
+        "path": str(served_model), "ready_dir": str(tmp_path), "cost": {"fixed_s": 0.5, "per_token_s": 0.0},
+        "options": asdict(serve.ServeOptions(name="tiny-onnx", threads=1))}))
+    serve.worker_app()
+    served[0].batcher.stop()
+    assert served[0].batcher.cost == CallCost(0.5, 0.0)
+
+
 def test_workers_each_answer_and_metrics_sum_over_them(served_model):
     url, proc = start(served_model, "--workers", "2")
     try:

@@ -43,7 +43,7 @@ FFN_STEP = 1 / 8  # the granularity of the FFN in a target search
 # epochs it kept accuracy within 1.25 points on two datasets, at 4.8-4.9x the speed in int8
 # (README, `mk prune`). The FLOPs target it replaced (0.5) kept 4 or 5 of 6 layers, 3.5-3.9x on that host:
 # FLOPs leave out the norms, softmax, mask and reshapes that every layer carries whatever its FFN
-# width, 38% of the time of the pruned int8 MiniLM at 128 tokens (ONNX Runtime's profiler).
+# width, 38-39% of the time of the pruned int8 MiniLM at 32 x 128 (scripts/profile_onnx.py).
 DEFAULT_FFN = 0.5
 
 

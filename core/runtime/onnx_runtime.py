@@ -43,9 +43,9 @@ def open_session(path, device: str = "auto", threads: int | None = None, spin: b
     """An InferenceSession. `spin=False` stops the worker threads spinning when a run
     returns, instead of busy-waiting for the next one: a server needs those cycles for
     its event loop. They still spin between the operators of a run, which turning
-    spinning off altogether would also stop (a 16-token call on 2 Xeon cores: 2.28 ms
-    against 2.79 with no spinning, 2.19 spinning throughout, at 4.5 ms of CPU each;
-    with 2 ms between calls, 5.2 ms of CPU a call against 7.2 spinning throughout)."""
+    spinning off altogether would also stop (scripts/bench_serve_parts.py, a 16-token
+    call every 2 ms on 2 Xeon cores: 2.35 ms and 4.5 ms of CPU a call, against 2.75 ms
+    and 4.1 ms never spinning, 2.42 ms and 7.1 ms spinning throughout)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

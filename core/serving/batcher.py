@@ -198,7 +198,7 @@ class Batcher:
                 self._run(call)
 
     def _calls(self, jobs: list[Job]) -> list[list[Job]]:
-        if len(jobs) < 2 or self.cost is None:
+        if self.cost is None:  # not measured yet: the batch is one call
             return [jobs] if jobs else []
         return self.cost.calls(jobs)
 

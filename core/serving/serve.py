@@ -56,15 +56,17 @@ def check_servable(art: Artifact) -> None:
                        hint="fine-tune it first with `mk tune`")
 
 
-def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
+def load_model(art: Artifact, opts: ServeOptions, cost: CallCost | None = None) -> ServedModel:
     """The runtime (through the interface `mk bench` measures), the tokenizer and the
     batcher, warmed up on real-looking text at the batch sizes traffic will bring.
-    A causal LM is served through CausalLM (the OpenAI-compatible routes)."""
+    A causal LM is served through CausalLM (the OpenAI-compatible routes). `cost`: the
+    cost of a runtime call measured already (by the parent of `--workers`)."""
     from mk.core.runtime import load_runtime
     from mk.core.serving.metrics import Metrics
 
     # ONNX Runtime's threads sleep between calls: the event loop needs the cores then
-    load, served, warm = functools.partial(load_runtime, spin=False), ServedModel, warm_up
+    load, served = functools.partial(load_runtime, spin=False), ServedModel
+    warm = functools.partial(warm_up, cost=cost)
     if art.task == "text-generation":
         from mk.core.runtime.causal_runtime import CausalLM
         from mk.core.serving import generation
@@ -86,17 +88,17 @@ def load_model(art: Artifact, opts: ServeOptions) -> ServedModel:
     return model
 
 
-def warm_up(model: ServedModel) -> None:
+def warm_up(model: ServedModel, cost: CallCost | None = None) -> None:
     """One call per batch size a first burst brings, so that no client pays for the
-    runtime's first-call setup; then a short and a long call timed, for the batcher's
-    cost of a call (ids from the tokenizer: always in the vocabulary)."""
+    runtime's first-call setup; then, unless `cost` is given, a short and a long call
+    timed, for the batcher's cost of a call (ids from the tokenizer: always in the vocabulary)."""
     text = "The quick brown fox jumps over the lazy dog, twice."
     small, _ = model.encoder.encode([text], None, truncate=True)
     full, _ = model.encoder.encode([text] * model.limits.max_batch_size, None, truncate=True)
     large, _ = model.encoder.encode([" ".join([text] * 4)] * min(model.limits.max_batch_size, 32), None, truncate=True)
     for inputs in (small, full, large):
         model.runtime(inputs)
-    model.batcher.cost = cost = CallCost.measure(model.runtime, small, large)
+    model.batcher.cost = cost = cost or CallCost.measure(model.runtime, small, large)
     log.debug("a runtime call costs %.2f ms + %.4f ms per padded token", cost.fixed_s * 1e3, cost.per_token_s * 1e3)
 
 
@@ -167,7 +169,7 @@ def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, o
     # alone, where the workers, warming up together on the same cores, would time them contended
     parent = load_model(art, opts)
     parent.batcher.stop()
-    cost = getattr(parent.batcher, "cost", None)
+    cost = parent.batcher.cost
     with tempfile.TemporaryDirectory(prefix="mk-serve-") as tmp:
         ready_dir, metrics_dir = Path(tmp, "ready"), Path(tmp, "metrics")
         ready_dir.mkdir()
@@ -197,8 +199,7 @@ def worker_app():
     spec = json.loads(os.environ[_WORKER_ENV])
     options = spec["options"]
     opts = ServeOptions(**{**options, "limits": Limits(**options["limits"])})
-    model = load_model(open_artifact(spec["path"], kind="model"), opts)
-    if spec["cost"]:
-        model.batcher.cost = CallCost(**spec["cost"])
+    model = load_model(open_artifact(spec["path"], kind="model"), opts,
+                       CallCost(**spec["cost"]) if spec["cost"] else None)
     ready = Path(spec["ready_dir"], str(os.getpid()))
     return create_app(model, os.environ.get("MK_API_KEY"), ready.touch)
