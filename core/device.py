@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from mk.core.errors import BadInput
@@ -28,3 +29,10 @@ def resolve_device(device: str = "auto") -> str:
             return "cpu"
         raise BadInput(f"--device {device}: no CUDA GPU is visible to torch", hint="use --device cpu")
     return "cuda:0" if device in ("auto", "cuda") else device
+
+
+def default_threads() -> int:
+    """The CPU threads a runtime uses unless told: one per physical core (ONNX Runtime's own default)."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Two parts of `mk serve`, measured in-process on the real test texts, without HTTP.
+"""Three parts of `mk serve`, measured in-process on the real test texts, without HTTP.
 
     python scripts/bench_serve_parts.py --model tuned-int8 --data data
 
@@ -12,6 +12,9 @@
    between calls, as a server sees them: spinning throughout (`mk bench`), spinning
    within a call only (`mk serve`: session.force_spinning_stop), never spinning.
    Latency p50/p99 and CPU per call.
+3. Calls side by side: random batches of 1, 8 and 32 test texts, each padded to
+   its longest, run one at a time on every thread (a call alone) and on as many
+   threads at once, one thread each (the batcher under load). Texts/s.
 
 Prints the CPU with the figures; ratios are against the first row of each part.
 """
@@ -36,17 +39,10 @@ def parse():
     return p.parse_args()
 
 
-def batch_cut(a) -> None:
-    from mk.core.artifact import open_artifact
-    from mk.core.dataset import load_split, open_dataset
-    from mk.core.measurement.http_bench import test_texts
+def batch_cut(a, model, texts) -> None:
     from mk.core.serving.batcher import Job, pad_batch
-    from mk.core.serving.serve import ServeOptions, load_model
 
-    model = load_model(open_artifact(a.model, kind="model"), ServeOptions(name="m", threads=a.threads))
-    model.batcher.stop()  # its runtime and measured cost are used here directly
-    ds = open_dataset(a.data)
-    texts, _ = test_texts(ds, load_split(ds, "test"))
+    runtime = model.batcher.narrow or model.runtime  # the one the cost was measured on
     loop, rng = asyncio.new_event_loop(), np.random.default_rng(0)
     batches = [[Job(model.encoder.encode([texts[i]], None, truncate=True)[0], 0, loop)
                 for i in rng.choice(len(texts), 32, replace=False)] for _ in range(a.batches)]
@@ -61,12 +57,12 @@ def batch_cut(a) -> None:
             t0 = time.perf_counter()
             for jobs in batches:
                 for call in cut(jobs):
-                    model.runtime(pad_batch(call, model.encoder.pad_id))
+                    runtime(pad_batch(call, model.encoder.pad_id))
             rates[name].append(32 * len(batches) / (time.perf_counter() - t0))
     loop.close()
     cost = model.batcher.cost
     print(f"1. batches of 32 test texts; measured cost of a call {cost.fixed_s * 1e3:.2f} ms + "
-          f"{cost.per_token_s * 1e3:.4f} ms per padded token")
+          f"{cost.per_token_s * 1e3:.4f} ms per padded token ({runtime.threads or 'default'} thread(s) a call)")
     base = statistics.median(rates["one padded call"])
     for name, r in rates.items():
         print(f"   {name:28} {statistics.median(r):8.1f} texts/s  {statistics.median(r) / base:5.2f}x"
@@ -110,14 +106,71 @@ def spinning(a) -> None:
               f"  CPU {statistics.median(cpu[name]) * 1e3:5.2f} ms a call (the sleeps' share included)")
 
 
+def side_by_side(a, model, texts) -> None:
+    import threading
+
+    from mk.core.serving.batcher import Job, pad_batch
+
+    wide, narrow, parallel = model.runtime, model.batcher.narrow, len(model.batcher.threads)
+    if narrow is None:
+        print("3. calls side by side: not measured, the runtime has one thread")
+        return
+    print(f"3. calls side by side: {parallel} at once on one thread each, against one at a time on all")
+    loop, rng = asyncio.new_event_loop(), np.random.default_rng(1)
+    for size in (1, 8, 32):
+        n = max(a.batches, 96 // size)
+        batches = [pad_batch([Job(model.encoder.encode([texts[i]], None, truncate=True)[0], 0, loop)
+                              for i in rng.choice(len(texts), size, replace=False)], model.encoder.pad_id)
+                   for _ in range(n)]
+
+        def alone():
+            for b in batches:
+                wide(b)
+
+        def side():
+            todo = iter(batches)
+            lock = threading.Lock()
+
+            def take():
+                while True:
+                    with lock:
+                        b = next(todo, None)
+                    if b is None:
+                        return
+                    narrow(b)
+            threads = [threading.Thread(target=take) for _ in range(parallel)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        rates = {"one at a time": [], "side by side": []}
+        for _ in range(a.rounds):
+            for name, run in (("one at a time", alone), ("side by side", side)):
+                t0 = time.perf_counter()
+                run()
+                rates[name].append(size * n / (time.perf_counter() - t0))
+        one, two = (statistics.median(rates[k]) for k in rates)
+        print(f"   batches of {size:2}: one at a time {one:7.1f} texts/s, side by side {two:7.1f}  {two / one:5.2f}x")
+    loop.close()
+
+
 def main() -> None:
     a = parse()
+    from mk.core.artifact import open_artifact
+    from mk.core.dataset import load_split, open_dataset
     from mk.core.measurement.bench import environment
+    from mk.core.measurement.http_bench import test_texts
+    from mk.core.serving.serve import ServeOptions, load_model
 
     env = environment(None, None)
     print(f"CPU: {env.get('cpu')} ({' '.join(env.get('cpu_flags', []))}); threads {a.threads or 'default'}")
-    batch_cut(a)
+    model = load_model(open_artifact(a.model, kind="model"), ServeOptions(name="m", threads=a.threads))
+    model.batcher.stop()  # its runtimes and measured cost are used here directly
+    ds = open_dataset(a.data)
+    texts, _ = test_texts(ds, load_split(ds, "test"))
+    batch_cut(a, model, texts)
     spinning(a)
+    side_by_side(a, model, texts)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     cases = [
         (b"{not json", 400, "not JSON"),
         # 5,000 levels of nesting around valid data was a 500 RecursionError
-        (b'{"inputs": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}", 400, "parsing the body"),
+        (b'{"inputs": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}", 400, "not JSON (recursion limit"),
         ({"inputs": []}, 422, "inputs"),
         ({"inputs": [tensor("input_ids", [[1, 2]], "FP32")]}, 422, "datatype"),
         ({"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2]}]}, 400, "2 values"),
@@ -477,6 +477,24 @@ def test_a_worker_takes_the_cost_of_a_call_its_parent_measured(served_model, mon
     serve.worker_app()
     served[0].batcher.stop()
     assert served[0].batcher.cost == CallCost(0.5, 0.0)
+
+
+@pytest.mark.parametrize("threads, workers, parallel", [(2, 1, 2), (1, 1, 1), (None, 64, 1)])
+def test_onnx_on_a_cpu_runs_as_many_calls_at_once_as_it_has_threads(served_model, threads, workers, parallel):
+    """Calls side by side get one thread each (a second, one-thread copy of the model);
+    --workers share the cores out unless --threads says otherwise."""
+    from mk.core.artifact import open_artifact
+    from mk.core.serving import serve
+    from mk.core.serving.batcher import CallCost
+
+    opts = serve.ServeOptions(name="tiny-onnx", threads=threads, workers=workers)
+    model = serve.load_model(open_artifact(served_model, kind="model"), opts, CallCost(0.001, 0.0))
+    try:
+        assert len(model.batcher.threads) == parallel and model.runtime.threads == (threads or 1)
+        assert (model.batcher.narrow is not None) == (parallel > 1)
+        assert parallel == 1 or model.batcher.narrow.threads == 1
+    finally:
+        model.batcher.stop()
 
 
 def test_workers_each_answer_and_metrics_sum_over_them(served_model):

@@ -5,6 +5,7 @@ and a failing batch failing only its requests."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -136,3 +137,47 @@ def test_a_job_whose_deadline_passes_during_an_earlier_call_is_not_started(runti
             b.stop()
     asyncio.run(scenario())
     assert calls == [(1, 3)]  # the late job never reached the runtime
+
+
+def test_calls_that_overlap_run_on_one_thread_each_and_a_lone_call_on_all(tiny_model):
+    from mk.core.runtime import load_runtime
+
+    wide, narrow = load_runtime(tiny_model, device="cpu", threads=2), load_runtime(tiny_model, device="cpu", threads=1)
+    used: list[str] = []
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def counted(name, runtime):
+        def call(batch):
+            with lock:
+                used.append(name)
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)  # long enough for the other thread to start its call meanwhile
+            try:
+                return runtime(batch)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return call
+
+    async def scenario():
+        b = Batcher(counted("wide", wide), 0, max_batch_size=16, max_wait_ms=0, max_queue=100,
+                    metrics=Metrics("m", {}), narrow=counted("narrow", narrow), parallel=2)
+        b.cost = CallCost(0.0, 1.0)  # every width its own call
+        loop = asyncio.get_running_loop()
+        try:
+            lone = Job(rows(1, 4), float("inf"), loop)
+            b.submit(lone)
+            assert np.allclose(await asyncio.wait_for(lone.future, 30), wide(lone.inputs), atol=1e-5)
+            assert used == ["wide"]  # all there was to do: every thread on it
+            jobs = [Job(rows(1, w, first=1000 + w), float("inf"), loop) for w in (3, 5, 7, 9)]
+            with b.cond:  # one batch of four widths: four calls, which the two threads share
+                for j in jobs:
+                    b.submit(j)
+            for j in jobs:
+                assert np.allclose(await asyncio.wait_for(j.future, 30), wide(j.inputs), atol=1e-5)
+        finally:
+            b.stop()
+    asyncio.run(scenario())
+    assert used[1:].count("narrow") >= 3 and most[0] == 2, used  # beside another call, on one thread

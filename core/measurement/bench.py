@@ -29,7 +29,7 @@ from mk.core import __version__
 from mk.core.artifact import Artifact, created_by, open_artifact
 from mk.core.cpu import int8_path_mismatch, this_cpu
 from mk.core.console import log, progress
-from mk.core.device import check_device
+from mk.core.device import check_device, default_threads
 from mk.core.errors import BadInput, MkError, first_line
 
 SCHEMA = "mk.bench/1"
@@ -107,12 +107,6 @@ def parse_seq_lens(text: str) -> list:
     if not out:
         raise BadInput(f"--seq-lens {text!r}: expected lengths like 128, or `data` for real inputs")
     return list(dict.fromkeys(out))
-
-
-def default_threads() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 # ------------------------------------------------------------- statistics ---

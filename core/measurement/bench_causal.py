@@ -22,10 +22,11 @@ import time
 
 from mk.core.artifact import created_by
 from mk.core.console import log, progress
+from mk.core.device import default_threads
 from mk.core.errors import BadInput, MkError
 from mk.core.measurement.bench import (
     CAUSAL, DATA, NOISE, SCHEMA, SETTLE_S, Entry, PeakRSS, Settings, _artifact_row, _busy, _cuda_peak,
-    _cuda_reset, _dataset, _loadavg, _named, _preimport, _r, default_threads, environment, load,
+    _cuda_reset, _dataset, _loadavg, _named, _preimport, _r, environment, load,
     max_positions, percentiles, spread, synthetic_batch, versus, vocab_size,
 )
 

@@ -35,6 +35,18 @@ class Metrics:
                                 registry=reg, multiprocess_mode="liveall")
         self.model_info.labels(model=model, **info).set(1)
         self.model = model
+        self._children: dict = {}
+
+    def answered(self, route: str, code: int, seconds: float | None) -> None:
+        """One request answered (`seconds` for the timed routes)."""
+        key = (route, code)
+        if key not in self._children:  # labels() looks its child up under a lock: once per route and code
+            self._children[key] = (self.requests.labels(route=route, code=str(code)),
+                                   None if seconds is None else self.latency.labels(route=route))
+        count, latency = self._children[key]
+        count.inc()
+        if latency is not None:
+            latency.observe(seconds)
 
     def batch(self, rows: int, tokens: int) -> None:
         self.batch_size.observe(rows)

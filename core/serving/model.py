@@ -69,7 +69,7 @@ class QueuedModel:
 
 
 class ServedModel(QueuedModel):
-    def __init__(self, art: Artifact, name: str, runtime, limits: Limits, metrics):
+    def __init__(self, art: Artifact, name: str, runtime, limits: Limits, metrics, narrow=None, parallel: int = 1):
         self.art, self.name, self.runtime, self.limits, self.metrics = art, name, runtime, limits, metrics
         self.labels = [str(l) for l in art.labels]
         cfg = art.config()
@@ -80,7 +80,7 @@ class ServedModel(QueuedModel):
                       if isinstance(cfg.get(key), int) and cfg[key] > 0}
         self.accepted = 0  # inference requests that reached the batcher
         self.batcher = Batcher(runtime, self.encoder.pad_id, limits.max_batch_size, limits.max_wait_ms,
-                               limits.max_queue, metrics)
+                               limits.max_queue, metrics, narrow, parallel)
 
     def metadata(self) -> dict:
         def t(name, datatype, shape, optional=True):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mk.core.artifact import Artifact
 from mk.core.console import log
+from mk.core.device import default_threads
 from mk.core.errors import BadInput, MkError, first_line
 from mk.core.serving.batcher import CallCost
 from mk.core.serving.model import Limits, ServedModel
@@ -72,14 +73,21 @@ def load_model(art: Artifact, opts: ServeOptions, cost: CallCost | None = None) 
         from mk.core.serving import generation
 
         load, served, warm = CausalLM.load, generation.GenerationModel, generation.warm_up
+    # each `--workers` process gets its share of the cores unless --threads says otherwise
+    threads = opts.threads or (max(1, default_threads() // opts.workers) if opts.workers > 1 else None)
     try:
-        runtime = load(art, device=opts.device, threads=opts.threads)
+        runtime = load(art, device=opts.device, threads=threads)
+        side = {}
+        if served is ServedModel and runtime.name == "onnxruntime" and runtime.device == "cpu":
+            parallel = threads or default_threads()
+            if parallel > 1:  # the same model on one thread, for calls that run beside others (Batcher)
+                side = {"parallel": parallel, "narrow": load(art, device="cpu", threads=1)}
     except MkError as e:
         if str(art.path) not in e.message:
             e.message = f"{art.path}: {e.message}"
         raise
     metrics = Metrics(opts.name, {"format": art.format, "runtime": runtime.name, "device": str(runtime.device)})
-    model = served(art, opts.name, runtime, opts.limits, metrics)
+    model = served(art, opts.name, runtime, opts.limits, metrics, **side)
     try:
         warm(model)
     except Exception as e:  # noqa: BLE001 — a model that cannot answer is refused before listening
@@ -96,9 +104,11 @@ def warm_up(model: ServedModel, cost: CallCost | None = None) -> None:
     small, _ = model.encoder.encode([text], None, truncate=True)
     full, _ = model.encoder.encode([text] * model.limits.max_batch_size, None, truncate=True)
     large, _ = model.encoder.encode([" ".join([text] * 4)] * min(model.limits.max_batch_size, 32), None, truncate=True)
-    for inputs in (small, full, large):
-        model.runtime(inputs)
-    model.batcher.cost = cost = cost or CallCost.measure(model.runtime, small, large)
+    narrow = model.batcher.narrow  # under load calls run there: the cost that decides their cuts
+    for runtime in filter(None, (model.runtime, narrow)):
+        for inputs in (small, full, large):
+            runtime(inputs)
+    model.batcher.cost = cost = cost or CallCost.measure(narrow or model.runtime, small, large)
     log.debug("a runtime call costs %.2f ms + %.4f ms per padded token", cost.fixed_s * 1e3, cost.per_token_s * 1e3)
 
 
