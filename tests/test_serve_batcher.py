@@ -27,6 +27,15 @@ def rows(n: int, width: int, first: int = 1000) -> dict[str, np.ndarray]:
             "attention_mask": np.ones((n, width), dtype=np.int64)}
 
 
+async def answered_as_one_batch(b: Batcher, jobs: list[Job], runtime) -> None:
+    """Submit the jobs as one batch; each gets the runtime's own logits for its rows."""
+    with b.cond:  # the batcher takes nothing until all of them wait
+        for j in jobs:
+            b.submit(j)
+    for j in jobs:
+        assert np.allclose(await asyncio.wait_for(j.future, 30), runtime(j.inputs), atol=1e-5)
+
+
 def test_a_batch_is_padded_to_its_own_longest_row():
     loop = asyncio.new_event_loop()
     try:
@@ -100,11 +109,7 @@ def test_the_cost_of_a_call_is_measured_and_a_split_batch_answers_each_job(runti
         jobs = [Job(rows(1, w, first=1000 + w), float("inf"), loop) for w in (3, 9, 5)] + [
             Job(rows(2, 9), float("inf"), loop)]
         try:
-            with b.cond:  # the worker takes nothing until all four wait: one batch
-                for j in jobs:
-                    b.submit(j)
-            for j in jobs:
-                assert np.allclose(await asyncio.wait_for(j.future, 30), runtime(j.inputs), atol=1e-5)
+            await answered_as_one_batch(b, jobs, runtime)
         finally:
             b.stop()
         return b.metrics
@@ -171,12 +176,9 @@ def test_calls_that_overlap_run_on_one_thread_each_and_a_lone_call_on_all(tiny_m
             b.submit(lone)
             assert np.allclose(await asyncio.wait_for(lone.future, 30), wide(lone.inputs), atol=1e-5)
             assert used == ["wide"]  # all there was to do: every thread on it
-            jobs = [Job(rows(1, w, first=1000 + w), float("inf"), loop) for w in (3, 5, 7, 9)]
-            with b.cond:  # one batch of four widths: four calls, which the two threads share
-                for j in jobs:
-                    b.submit(j)
-            for j in jobs:
-                assert np.allclose(await asyncio.wait_for(j.future, 30), wide(j.inputs), atol=1e-5)
+            # one batch of four widths: four calls, which the two threads share
+            await answered_as_one_batch(b, [Job(rows(1, w, first=1000 + w), float("inf"), loop) for w in (3, 5, 7, 9)],
+                                        wide)
         finally:
             b.stop()
     asyncio.run(scenario())
