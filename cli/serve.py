@@ -24,7 +24,7 @@ def serve(
     trust_pickle: options.TrustPickle = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=(
         "Threads for the runtime. ONNX on a CPU: a call alone uses them all; under load as many calls run "
-        "at once, one thread each.  [default: the physical cores, shared out over --workers]"))] = None,
+        "at once, one thread each.  [default: the physical cores mk may use, shared out over --workers]"))] = None,
     model_name: Annotated[Optional[str], typer.Option(
         "--model-name", help="Name the model is served under.  [default: the folder's name]")] = None,
     api_key: options.ApiKey = None,

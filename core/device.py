@@ -32,7 +32,10 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def default_threads() -> int:
-    """The CPU threads a runtime uses unless told: one per physical core (ONNX Runtime's own default)."""
+    """The CPU threads a runtime uses unless told: one per physical core (ONNX Runtime's own
+    default), but no more than the CPUs this process may run on (taskset, a container's cpuset)."""
     import psutil
 
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return max(1, min(cores, allowed))

@@ -212,6 +212,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert call(f"{url}/predict", "POST", {"inputs": [["a", "b", "c"]]})[0] == 400
     assert call(f"{url}/v2/models/other/infer", "POST", {"inputs": [tensor("input_ids", [[1]])]})[0] == 404
     assert call(infer, "POST", {"inputs": [tensor("input_ids", [[101, 102]])]})[0] == 200
+    # a UTF-8 byte order mark before the JSON (PowerShell's Invoke-RestMethod sends one) is not an error
+    bom = b"\xef\xbb\xbf" + json.dumps({"inputs": [tensor("input_ids", [[101, 102]])]}).encode()
+    assert call(infer, "POST", bom)[0] == 200
 
 
 def test_requests_over_the_limits_get_413_with_the_limit(server):

@@ -51,7 +51,7 @@ def test_inputs_of_similar_length_go_together(runtime):
     loop = asyncio.new_event_loop()
     b = Batcher(runtime, 0, max_batch_size=4, max_wait_ms=0, max_queue=100, metrics=Metrics("m", {}))
     try:
-        with b.cond:  # the worker waits on this lock: the queue is ours to fill and take from
+        with b.cond:  # the batcher threads wait on this lock: the queue is ours to fill and take from
             widths = [10, 60, 12, 58, 11, 61]
             b.queue = [Job(rows(1, w), float("inf"), loop) for w in widths]
             b.queued_rows = len(widths)
@@ -183,3 +183,35 @@ def test_calls_that_overlap_run_on_one_thread_each_and_a_lone_call_on_all(tiny_m
             b.stop()
     asyncio.run(scenario())
     assert used[1:].count("narrow") >= 3 and most[0] == 2, used  # beside another call, on one thread
+
+
+def test_the_calls_of_a_cut_batch_start_together_on_idle_threads(runtime):
+    starts: list[float] = []
+
+    def slow(batch):
+        starts.append(time.monotonic())
+        time.sleep(0.3)
+        return runtime(batch)
+
+    async def scenario():
+        # three threads wait for a request still arriving, up to 400 ms from when each woke: the first
+        # takes the three jobs and cuts them into three calls, which the others start at once instead
+        # of waiting out their own 400 ms
+        b = Batcher(slow, 0, max_batch_size=8, max_wait_ms=400, max_queue=100, metrics=Metrics("m", {}),
+                    narrow=slow, parallel=3)
+        b.cost = CallCost(0.0, 1.0)  # every width its own call
+        b.arriving = 1
+        loop = asyncio.get_running_loop()
+        jobs = [Job(rows(1, w), float("inf"), loop) for w in (3, 5, 7)]
+        try:
+            b.submit(jobs[0])
+            await asyncio.sleep(0.2)
+            b.submit(jobs[1])
+            b.submit(jobs[2])
+            for j in jobs:
+                assert np.allclose(await asyncio.wait_for(j.future, 30), runtime(j.inputs), atol=1e-5)
+        finally:
+            b.arriving = 0
+            b.stop()
+    asyncio.run(scenario())
+    assert len(starts) == 3 and max(starts) - min(starts) < 0.1, [s - starts[0] for s in starts]

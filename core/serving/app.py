@@ -200,8 +200,8 @@ def _takes(body: type[BaseModel], *path: str) -> dict:
 
 
 async def _parsed(request: Request, body: type[BaseModel]):
-    try:
-        return body.model_validate_json(await request.body())
+    try:  # a UTF-8 byte order mark (PowerShell sends one) is allowed, as json.loads allows it
+        return body.model_validate_json((await request.body()).removeprefix(b"\xef\xbb\xbf"))
     except ValidationError as e:  # answered as FastAPI answers its own (_validation_error)
         raise RequestValidationError(e.errors(include_url=False)) from None
 

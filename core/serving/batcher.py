@@ -2,7 +2,7 @@
 threads of their own, so the event loop keeps reading requests while batches run.
 
 A job is one request's rows (already tokenized, padded to its own longest row).
-The worker takes the jobs waiting when it is free, waits at most `max_wait_ms`
+A batcher thread takes the jobs waiting when it is free, waits at most `max_wait_ms`
 for more while requests are still being read (`arriving`), up to
 `max_batch_size` rows; when more rows wait than fit, it takes the oldest job and
 those closest to it in length, so that a batch pads little. The batch is then
@@ -167,7 +167,7 @@ class Batcher:
             self.cond.notify()
 
     def stop(self) -> None:
-        """Run what was accepted, then end the worker."""
+        """Run what was accepted, then end the threads."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
@@ -193,8 +193,9 @@ class Batcher:
         self.metrics.queue_depth.set(self.queued_rows)
         return taken
 
-    def _next(self) -> list[Job] | None:
-        """The jobs of the next runtime call: the next call of a batch already cut, or a new batch, cut."""
+    def _next(self):
+        """The jobs of the next runtime call (the next call of a batch already cut, or a new
+        batch, cut) and the runtime to run it on; counted as running from here."""
         with self.cond:
             while not self.calls:
                 while not (self.queue or self.calls or self.stopping):
@@ -204,41 +205,43 @@ class Batcher:
                 if not self.queue:
                     return None  # stopping, and nothing left
                 until = time.monotonic() + self.max_wait
-                while self.queued_rows < self.max_batch_size and self.arriving and not self.stopping:
+                while self.queued_rows < self.max_batch_size and self.arriving and not (self.stopping or self.calls):
                     left = until - time.monotonic()
                     if left <= 0:
                         break
                     self.cond.wait(left)
                 self.calls.extend(self._calls(self._take()))
-                if len(self.calls) > 1:
-                    self.cond.notify()  # a thread that waits may take the second call
-            return self.calls.popleft()
+            jobs = self.calls.popleft()
+            more = len(self.calls) + bool(self.queue)
+            if more:
+                self.cond.notify(more)  # threads that wait may take the other calls
+            alone = not (self.running or self.calls or self.queue)
+            self.running += 1
+            return jobs, self.runtime if alone or self.narrow is None else self.narrow
 
     def _work(self) -> None:
-        while (jobs := self._next()) is not None:
-            self._run(jobs)
+        while (taken := self._next()) is not None:
+            try:
+                self._run(*taken)
+            finally:
+                with self.cond:
+                    self.running -= 1
 
     def _calls(self, jobs: list[Job]) -> list[list[Job]]:
         if self.cost is None:  # not measured yet: the batch is one call
             return [jobs] if jobs else []
         return self.cost.calls(jobs)
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self, jobs: list[Job], runtime) -> None:
         jobs = live(jobs)  # the calls before this one took time
         if not jobs:
             return
         batch = pad_batch(jobs, self.pad_id)
-        with self.cond:
-            alone = not (self.running or self.calls or self.queue)
-            self.running += 1
         try:
-            logits = np.asarray((self.runtime if alone or self.narrow is None else self.narrow)(batch), dtype=np.float32)
+            logits = np.asarray(runtime(batch), dtype=np.float32)
         except Exception as e:  # noqa: BLE001 — this call's requests fail; the server keeps serving
             fail(jobs, e, len(batch["input_ids"]))
             return
-        finally:
-            with self.cond:
-                self.running -= 1
         self.metrics.batch(rows=len(logits), tokens=int(np.count_nonzero(batch["attention_mask"])))
         r = 0
         for j in jobs:

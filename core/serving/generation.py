@@ -137,7 +137,7 @@ class GenerationBatcher(Batcher):
         self.metrics.queue_depth.set(self.queued_rows)
         return taken
 
-    def _run(self, jobs: list[GenJob]) -> None:
+    def _run(self, jobs: list[GenJob], runtime) -> None:
         steps = [0]
 
         def on_tokens(ids: list[int]) -> None:
@@ -150,7 +150,7 @@ class GenerationBatcher(Batcher):
                 j.token(t)
 
         try:
-            out = self.runtime.generate([j.prompt for j in jobs], jobs[0].sampling, on_tokens,
+            out = runtime.generate([j.prompt for j in jobs], jobs[0].sampling, on_tokens,
                                         max_new=[j.max_new for j in jobs],
                                         cancelled=lambda: {i for i, j in enumerate(jobs) if j.cancelled})
         except Exception as e:  # noqa: BLE001 — this batch's requests fail; the server keeps serving

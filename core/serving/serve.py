@@ -60,8 +60,10 @@ def check_servable(art: Artifact) -> None:
 def load_model(art: Artifact, opts: ServeOptions, cost: CallCost | None = None) -> ServedModel:
     """The runtime (through the interface `mk bench` measures), the tokenizer and the
     batcher, warmed up on real-looking text at the batch sizes traffic will bring.
-    A causal LM is served through CausalLM (the OpenAI-compatible routes). `cost`: the
-    cost of a runtime call measured already (by the parent of `--workers`)."""
+    A causal LM is served through CausalLM (the OpenAI-compatible routes). An ONNX model on
+    a CPU also gets a one-thread copy of itself, and as many batcher threads as it has
+    threads (Batcher). `cost`: the cost of a runtime call measured already (by the parent of
+    `--workers`)."""
     from mk.core.runtime import load_runtime
     from mk.core.serving.metrics import Metrics
 
@@ -180,6 +182,7 @@ def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, o
     parent = load_model(art, opts)
     parent.batcher.stop()
     cost = parent.batcher.cost
+    del parent  # its sessions are not needed while the workers serve
     with tempfile.TemporaryDirectory(prefix="mk-serve-") as tmp:
         ready_dir, metrics_dir = Path(tmp, "ready"), Path(tmp, "metrics")
         ready_dir.mkdir()
