@@ -134,7 +134,7 @@ def pad_batch(jobs: list[Job], pad_id: int) -> dict[str, np.ndarray]:
 class Batcher:
     """`parallel` threads take the calls in turn. `narrow`, the same model on one
     thread of its own, runs a call while others run; a call alone runs on `runtime`,
-    which may use every thread. On a CPU, two calls on one thread each do 1.1-1.6x
+    which may use every thread. On a CPU, two calls on one thread each do 1.1-1.7x
     the work of one call on two (its threads wait for each other at every operator;
     scripts/bench_serve_parts.py)."""
 
