@@ -107,7 +107,7 @@ def spinning(a) -> None:
 
 
 def side_by_side(a, model, texts) -> None:
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from mk.core.serving.batcher import Job, pad_batch
 
@@ -128,21 +128,8 @@ def side_by_side(a, model, texts) -> None:
                 wide(b)
 
         def side():
-            todo = iter(batches)
-            lock = threading.Lock()
-
-            def take():
-                while True:
-                    with lock:
-                        b = next(todo, None)
-                    if b is None:
-                        return
-                    narrow(b)
-            threads = [threading.Thread(target=take) for _ in range(parallel)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            with ThreadPoolExecutor(parallel) as pool:
+                list(pool.map(narrow, batches))
         rates = {"one at a time": [], "side by side": []}
         for _ in range(a.rounds):
             for name, run in (("one at a time", alone), ("side by side", side)):

@@ -39,14 +39,15 @@ class Metrics:
 
     def answered(self, route: str, code: int, seconds: float | None) -> None:
         """One request answered (`seconds` for the timed routes)."""
-        key = (route, code)
-        if key not in self._children:  # labels() looks its child up under a lock: once per route and code
-            self._children[key] = (self.requests.labels(route=route, code=str(code)),
-                                   None if seconds is None else self.latency.labels(route=route))
-        count, latency = self._children[key]
-        count.inc()
-        if latency is not None:
-            latency.observe(seconds)
+        # labels() looks its child up under a lock on every call: each child is looked up once
+        children = self._children
+        if (route, code) not in children:
+            children[route, code] = self.requests.labels(route=route, code=str(code))
+        children[route, code].inc()
+        if seconds is not None:
+            if route not in children:
+                children[route] = self.latency.labels(route=route)
+            children[route].observe(seconds)
 
     def batch(self, rows: int, tokens: int) -> None:
         self.batch_size.observe(rows)

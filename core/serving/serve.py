@@ -75,15 +75,14 @@ def load_model(art: Artifact, opts: ServeOptions, cost: CallCost | None = None) 
         from mk.core.serving import generation
 
         load, served, warm = CausalLM.load, generation.GenerationModel, generation.warm_up
-    # each `--workers` process gets its share of the cores unless --threads says otherwise
-    threads = opts.threads or (max(1, default_threads() // opts.workers) if opts.workers > 1 else None)
+    # as `mk bench` does; each `--workers` process gets its share of the cores unless --threads says otherwise
+    threads = opts.threads or max(1, default_threads() // opts.workers)
     try:
         runtime = load(art, device=opts.device, threads=threads)
         side = {}
-        if served is ServedModel and runtime.name == "onnxruntime" and runtime.device == "cpu":
-            parallel = threads or default_threads()
-            if parallel > 1:  # the same model on one thread, for calls that run beside others (Batcher)
-                side = {"parallel": parallel, "narrow": load(art, device="cpu", threads=1)}
+        if served is ServedModel and runtime.name == "onnxruntime" and runtime.device == "cpu" and threads > 1:
+            # the same model on one thread, for calls that run beside others (Batcher)
+            side = {"parallel": threads, "narrow": load(art, device="cpu", threads=1)}
     except MkError as e:
         if str(art.path) not in e.message:
             e.message = f"{art.path}: {e.message}"
