@@ -299,6 +299,27 @@ def test_output_holding_the_input_is_refused_even_with_force(tmp_path, onnx_pare
     assert (work / "onnx" / "model.onnx").is_file()
 
 
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_the_input_artifact_is_only_read(tmp_path, onnx_parent, tiny_dataset, method):
+    """ONNX Runtime's tooling writes a scratch `model-inferred.onnx` beside the model it
+    reads and deletes it after: never in the input (a user's file of that name was lost)."""
+    import hashlib
+    import shutil
+
+    def snapshot(folder: Path) -> dict:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+    src = tmp_path / "in"
+    shutil.copytree(onnx_parent, src)
+    (src / "model-inferred.onnx").write_text("a file of the user's")
+    before = snapshot(src)
+    r = run_mk("quant", str(src), "-o", str(tmp_path / "q"), "--method", method, "--data", str(tiny_dataset),
+               "--calib-size", "16", "--no-gate")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(src) == before
+    assert not list((tmp_path / "q").glob(".source-*"))
+
+
 # --------------------------------------------------------------------------- int8 arithmetic of other CPUs
 
 

@@ -163,8 +163,7 @@ def quantize_file(src: Path, dst: Path, settings: QuantSettings, config: dict | 
 
 
 def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    import tempfile
 
     quiet_onnxruntime()  # the calibrators' sessions log through ONNX Runtime's default logger
 
@@ -179,6 +178,19 @@ def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
         fused_path = work / "fused.onnx"
         done["fused_operators"] = optimize_transformer(src, fused_path, config or {})
         src = fused_path
+    with tempfile.TemporaryDirectory(dir=work, prefix=".source-") as scratch:
+        if not settings.fuse:
+            src = _linked_into(Path(src), Path(scratch))
+        done.update(_run_tooling(src, dst, settings, calibration))
+    _single_file(dst)
+    return done
+
+
+def _run_tooling(src: Path, dst: Path, settings: QuantSettings, calibration) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    done: dict = {}
     big = (Path(src).parent / EXTERNAL_DATA_NAME).is_file()
     extra = {"MatMulConstBOnly": settings.matmul_const_b_only,
              # fused contrib ops (SkipLayerNormalization, …) have no ONNX type inference
@@ -204,8 +216,24 @@ def _quantize_file(src, dst, settings, config, calibration, work) -> dict:
                                  "batches": len(calibration), "rows_per_call": calibration.batch_size})
     else:
         raise BadInput(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
-    _single_file(dst)
     return done
+
+
+def _linked_into(src: Path, work: Path) -> Path:
+    """`src` (and its external weights) linked into the scratch folder `work`: ONNX
+    Runtime's tooling writes a shape-inferred copy beside the model it reads
+    (`model-inferred.onnx`) and deletes it after, which must never happen inside the
+    input artifact (read-only, or a file of that name there). Copied where links
+    cannot be made."""
+    import shutil
+
+    for name in (src.name, EXTERNAL_DATA_NAME):
+        if (src.parent / name).is_file():
+            try:
+                (work / name).symlink_to((src.parent / name).resolve())
+            except OSError:
+                shutil.copyfile(src.parent / name, work / name)
+    return work / src.name
 
 
 def _single_file(path: Path) -> None:
