@@ -85,6 +85,10 @@ def test_truncated_safetensors(tmp_path, tiny_model):
     before = sorted(p.name for p in bad.iterdir())
     _one_error_line(run_mk("info", str(bad)), "model.safetensors", "truncated")
     assert sorted(p.name for p in bad.iterdir()) == before  # nothing written
+    for command in ("export-onnx", "quant"):  # they load the weights through transformers
+        r = run_mk("-q", command, str(bad), "-o", str(tmp_path / command), *(["--no-gate"] * (command == "quant")))
+        _one_error_line(r, "cannot load the model")
+        assert not list(tmp_path.glob(f"*{command}*"))
 
 
 def test_changed_file_is_reported_and_exits_2(tmp_path):

@@ -123,6 +123,7 @@ def _load_for_export(art: Artifact, trust_pickle: bool = False):
     """The torch classifier in fp32 on the CPU, with eager attention where the
     architecture has it (the graph ONNX Runtime's fusions recognise)."""
     import transformers
+    from safetensors import SafetensorError
 
     from mk.core.runtime.torch_runtime import load_classifier
 
@@ -135,7 +136,7 @@ def _load_for_export(art: Artifact, trust_pickle: bool = False):
                                      attn_implementation="eager", use_safetensors=not trust_pickle or None)
     except (ValueError, TypeError):
         model = load_classifier(art.path, art.task)
-    except OSError as e:
+    except (SafetensorError, OSError) as e:  # corrupt weights, a folder without them
         raise library_error(e, art.path, "cannot load the model") from None
     return model.float().eval()
 
