@@ -10,10 +10,11 @@ Every later step then reads a plain Hugging Face folder.
 from __future__ import annotations
 
 import functools
+import struct
 from pathlib import Path
 
 from mk.core.artifact import MANIFEST, open_artifact, sha256_file, write_manifest
-from mk.core.errors import BadInput, library_error
+from mk.core.errors import BadInput, first_line, library_error
 
 
 @functools.lru_cache(maxsize=8)
@@ -75,6 +76,9 @@ def convert(gguf: Path, out: Path, digest: str | None = None, force: bool = Fals
     except ImportError as e:  # the gguf package is missing
         raise BadInput(f"{gguf}: reading GGUF needs the `gguf` package ({e})",
                        hint="pip install gguf") from None
+    except struct.error as e:  # the header or a tensor runs past the end of the file
+        raise BadInput(f"{gguf}: truncated GGUF file ({first_line(e)})",
+                       hint="an interrupted download or copy: fetch the file again") from None
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # an architecture transformers cannot map
         raise library_error(e, gguf, "cannot load this GGUF file as a causal LM") from None
     with atomic_output(out, force) as tmp:

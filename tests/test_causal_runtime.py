@@ -71,10 +71,16 @@ def test_prompts_beyond_the_context_and_chat_without_a_template_are_refused(tiny
         CausalLM.load(open_artifact(plain)).chat_ids([{"role": "user", "content": "hi"}])
 
 
-def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("what", ["not gguf", "truncated"])
+def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path, what):
+    from mk.core.embedded import gguf_path
+
     bad = tmp_path / "model.gguf"
-    bad.write_bytes(b"not a gguf file at all")
+    # an interrupted download: the real file's first kilobyte (its magic bytes and part of its header)
+    with open(gguf_path("smollm2"), "rb") as f:
+        bad.write_bytes(b"not a gguf file at all" if what == "not gguf" else f.read(1000))
     proc = run_mk("info", str(bad))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert str(bad) in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(bad) in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
+    assert what != "truncated" or "truncated GGUF file" in proc.stderr
     assert not list((Path(os.environ["MK_CACHE"]) / "models").glob("model-*"))  # nothing half-made
