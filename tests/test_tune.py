@@ -284,6 +284,13 @@ def test_lora_no_merge_keeps_the_adapter(tiny_dataset, tiny_model, tmp_path):
     test = load_split(open_artifact(tiny_dataset), "test")
     again = evaluate(load_runtime(out, "cpu"), test, 3)  # the torch runtime loads adapter + base
     assert again["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
+    # what needs the whole model's weights refuses it in one line, and writes nothing
+    for args in (["tune", str(tiny_dataset), "--model", str(out), "--max-steps", "1"],
+                 ["tune", str(tiny_dataset), "--model", str(tiny_model), "--teacher", str(out), "--max-steps", "1"],
+                 ["export-onnx", str(out)], ["quant", str(out), "--no-gate"], ["prune", str(out)]):
+        r = run_mk(*args, "-o", str(tmp_path / "refused"))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "unmerged LoRA adapter" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not list(tmp_path.glob("refused*")), args
 
 
 def test_distillation_from_a_teacher_of_another_size(tiny_dataset, minilm_dir, tmp_path):

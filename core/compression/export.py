@@ -34,6 +34,7 @@ from mk.core.outputs import atomic_output, check_output
 from mk.core.compression.onnx_io import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files, load_onnx,
                                          model_inputs, onnx_bytes, opset_of, optimize_transformer, save_onnx, to_fp16)
 from mk.core.tokenizer_match import check_same_tokenizer
+from mk.core.runtime.adapters import check_whole_model
 
 MIN_OPSET = 17
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -332,6 +333,7 @@ def _verification_device(device: str) -> str:
 
 
 def _check_exportable(art: Artifact) -> None:
+    check_whole_model(art.path, "export")
     if art.format != "safetensors":
         what = {"onnx": "an ONNX", "tensorrt": "a TensorRT"}.get(art.format, f"a {art.format}")
         raise BadInput(f"{art.path}: is already {what} model; export-onnx takes a safetensors "

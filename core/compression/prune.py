@@ -35,6 +35,7 @@ from mk.core.compression import structured as st
 from mk.core.console import log
 from mk.core.errors import BadInput
 from mk.core.outputs import atomic_output, check_output
+from mk.core.runtime.adapters import check_whole_model
 
 IMPORTANCE = ("taylor", "magnitude")
 FFN_STEP = 1 / 8  # the granularity of the FFN in a target search
@@ -84,6 +85,7 @@ class PruneTargets:
 
 
 def _check_model(art: Artifact) -> dict:
+    check_whole_model(art.path, "mk prune")
     if art.format != "safetensors":
         raise BadInput(f"{art.path}: a {art.format} model cannot be pruned; give the safetensors model it came from",
                        hint="see `mk info --lineage` for its parent")

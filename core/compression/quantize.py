@@ -41,6 +41,7 @@ from mk.core.console import log, quiet_onnxruntime
 from mk.core.cpu import SATURATING, this_cpu
 from mk.core.outputs import atomic_output, check_output
 from mk.core.errors import BadInput, GateFailed
+from mk.core.runtime.adapters import check_whole_model
 from mk.core.tokenizer_match import check_same_tokenizer
 from mk.core.compression.export import export_onnx
 from mk.core.compression.onnx_io import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files, load_onnx,
@@ -297,6 +298,7 @@ def prepare_onnx_parent(art: Artifact, out: Path, data, force: bool, trust_pickl
         return art, False
     if art.format != "safetensors":
         raise BadInput(f"{art.path}: a {art.format} model cannot be quantized; give the ONNX or safetensors model")
+    check_whole_model(art.path, command)
     sibling = out.parent / f"{out.name}{EXPORT_SUFFIX}"
     if sibling.exists():
         try:

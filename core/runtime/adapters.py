@@ -16,6 +16,15 @@ def is_adapter(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def check_whole_model(path: Path, use: str) -> None:
+    """What needs a whole model's weights (training on, teaching from, cutting,
+    exporting) refuses an unmerged adapter in one line: mk bench, mk explain and
+    mk serve load one onto its base, these do not."""
+    if is_adapter(path):
+        raise BadInput(f"{path}: an unmerged LoRA adapter (mk tune --no-merge); {use} needs a whole model",
+                       hint="tune again without --no-merge: the adapter is then merged into its base")
+
+
 def adapter_base(path: Path) -> Path:
     """Where an unmerged adapter's base model lives (recorded when it was saved)."""
     cfg = json.loads((Path(path) / ADAPTER_CONFIG).read_text())

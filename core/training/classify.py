@@ -15,6 +15,7 @@ from mk.core.dataset import trim_padding
 from mk.core.errors import BadInput
 from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
 from mk.core.training.task import base_model, evaluating
+from mk.core.runtime.adapters import check_whole_model
 
 
 
@@ -60,6 +61,7 @@ def plan_head(model_path: Path, labels: list[str], new_head: bool) -> dict:
 
 
 def check_teacher(teacher: Artifact, dataset: Artifact, labels: list[str]) -> None:
+    check_whole_model(teacher.path, "--teacher")
     if teacher.format != "safetensors":
         raise BadInput(f"{teacher.path}: a teacher must be a safetensors model (this one is {teacher.format})")
     has_head, names = _head(_config(teacher.path))

@@ -52,6 +52,7 @@ from mk.core.training.checkpoint import Checkpointer, TrainState, load_trained_s
 from mk.core.training.distributed import Dist, check_ranks_agree
 from mk.core.training.task import Task, base_model, is_better
 from mk.core.training.train_log import LOG_NAME, TrainLog
+from mk.core.runtime.adapters import check_whole_model
 
 # Options that must match for --resume to continue the same run.
 RUN_KEYS = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup", "schedule",
@@ -418,6 +419,7 @@ class Validation:
 
 def task_for(dataset: Artifact, base: Artifact, opts: TuneOptions) -> Task:
     """The dataset says what is trained: completions (a causal LM), else labels."""
+    check_whole_model(base.path, "mk tune --model")
     if dataset.task == "text-generation":
         from mk.core.training.causal import CausalLMTask
         return CausalLMTask(dataset, base, opts)
