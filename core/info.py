@@ -73,6 +73,11 @@ def describe(path: str | Path, lineage: bool = False, verify: bool = False) -> d
     files = art.manifest.get("files") or [
         {"name": e["name"], "bytes": e["bytes"]} for e in file_entries(art.path, hashes=False)]
     problems = check_files(art, verify)
+    try:
+        parameters = count_parameters(art)
+    except BadInput as e:  # a truncated or corrupt weights file: one more problem, after the report
+        parameters = None
+        problems.append(e.message.removeprefix(f"{art.path}/"))
     info = {
         "path": str(art.path),
         "kind": art.kind,
@@ -82,7 +87,7 @@ def describe(path: str | Path, lineage: bool = False, verify: bool = False) -> d
         "has_manifest": art.has_manifest,
         "files": [{"name": f["name"], "bytes": f["bytes"]} for f in files],
         "bytes": sum(f["bytes"] for f in files),
-        "parameters": count_parameters(art),
+        "parameters": parameters,
         "created_by": art.manifest.get("created_by"),
         "parent": art.manifest.get("parent"),
         "dataset": art.manifest.get("dataset"),

@@ -83,7 +83,10 @@ def test_truncated_safetensors(tmp_path, tiny_model):
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     before = sorted(p.name for p in bad.iterdir())
-    _one_error_line(run_mk("info", str(bad)), "model.safetensors", "truncated")
+    r = run_mk("info", str(bad))  # the report, then its problems, then exit 2
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "kind" in r.stdout and "problem: model.safetensors: truncated" in r.stdout, r.stdout
+    assert r.stderr.startswith("error: ") and "truncated" in r.stderr
     assert sorted(p.name for p in bad.iterdir()) == before  # nothing written
     for command in ("export-onnx", "quant"):  # they load the weights through transformers
         r = run_mk("-q", command, str(bad), "-o", str(tmp_path / command), *(["--no-gate"] * (command == "quant")))
