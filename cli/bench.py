@@ -105,7 +105,6 @@ def bench(
 
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
-    check_paths(output, plot, force)
     allowance, base, renames = None, None, {}
     if baseline is not None:
         from mk.core.measurement.bench_gate import load_baseline, parse_allowance, parse_renames
@@ -119,6 +118,7 @@ def bench(
             raise BadInput("give artifacts or --url, not both")
         if new_tokens is not None:
             raise BadInput("--new-tokens: over HTTP mk bench load-tests a KServe v2 server, which does not generate")
+        check_paths(output, plot, force, inputs=[data])
         from mk.core.measurement import http_bench
         from mk.core.measurement.bench import parse_ints, parse_seq_lens
 
@@ -138,6 +138,7 @@ def bench(
 
         paths = artifacts or read_piped("artifact paths", hint="pass artifact folders (or `minilm`), pipe their paths "
                                                                 "on stdin, or pass --url URL to load-test a server")
+        check_paths(output, plot, force, inputs=[*paths, data])
         settings = core_bench.Settings(  # a None takes the default of the models' task
             batch_sizes=core_bench.parse_ints(batch_sizes, "--batch-sizes") if batch_sizes is not None else None,
             seq_lens=core_bench.parse_seq_lens(seq_lens) if seq_lens is not None else None,

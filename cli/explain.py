@@ -150,7 +150,7 @@ def explain(
     if (limit is not None or errors) and not dataset_mode:
         raise BadInput("--limit and --errors choose rows of a dataset; pass --data DATA")
     if html is not None:
-        check_page(html, force)
+        check_page(html, force, inputs=[model, data])
     settings = Settings(method=method, target=target, steps=steps, samples=samples, batch_size=batch_size,
                         max_length=max_length, seed=seed, faithfulness=faithfulness, top_k=top_k, device=device,
                         threads=threads, trust_pickle=trust_pickle)

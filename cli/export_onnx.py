@@ -34,11 +34,13 @@ def export_onnx(
     device: options.Device = "cpu",
     triton_repo: options.TritonRepo = None,
     triton_name: options.TritonName = None,
-    triton_instances: options.TritonInstances = 1,
-    triton_kind: Annotated[str, typer.Option(
-        "--triton-instance-kind", help="Where Triton runs the instances: auto, gpu or cpu.")] = "auto",
-    triton_max_batch: Annotated[int, typer.Option(
-        "--triton-max-batch-size", min=1, help="Triton's max_batch_size (dynamic batching).")] = 32,
+    triton_instances: options.TritonInstances = None,
+    triton_kind: Annotated[Optional[str], typer.Option(
+        "--triton-instance-kind", help="Where Triton runs the instances: auto, gpu or cpu.  [default: auto]",
+        show_default=False)] = None,
+    triton_max_batch: Annotated[Optional[int], typer.Option(
+        "--triton-max-batch-size", min=1, help="Triton's max_batch_size (dynamic batching).  [default: 32]",
+        show_default=False)] = None,
     threads: options.Threads = None,
     force: options.Force = False,
     trust_pickle: options.TrustPickle = False,
@@ -59,6 +61,6 @@ def export_onnx(
     result = run(read_input(model, "model"), output, data=data, atol=atol, optimize=optimize, fp16=fp16,
                  opset=opset, exporter=exporter, external_data=external_data, force=force,
                  trust_pickle=trust_pickle, threads=threads, device=device,
-                 triton=options.triton(triton_repo, triton_name, triton_instances, triton_kind,
+                 triton=options.triton(triton_repo, name=triton_name, count=triton_instances, kind=triton_kind,
                                        max_batch_size=triton_max_batch))
     show(Path(result["path"]), result, as_json)

@@ -54,7 +54,7 @@ def export_trt(
     device: options.Device = "cuda",
     triton_repo: options.TritonRepo = None,
     triton_name: options.TritonName = None,
-    triton_instances: options.TritonInstances = 1,
+    triton_instances: options.TritonInstances = None,
     force: options.Force = False,
     trust_pickle: options.TrustPickle = False,
     as_json: options.Json = False,
@@ -78,5 +78,6 @@ def export_trt(
                  max_batch_size=max_batch_size, batch=(min_batch, opt_batch, None),
                  seq=(min_seq, opt_seq, max_seq), percentile=percentile, atol=atol, max_drop=max_drop,
                  confidence=confidence, gate_test=gate_test, device=device, force=force,
-                 trust_pickle=trust_pickle, triton=options.triton(triton_repo, triton_name, triton_instances, "gpu"))
+                 trust_pickle=trust_pickle,
+                 triton=options.triton(triton_repo, name=triton_name, count=triton_instances))
     show(Path(result["path"]), result, as_json)

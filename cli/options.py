@@ -54,12 +54,25 @@ TritonRepo = Annotated[Optional[Path], typer.Option(
                           "in DIR/NAME/1/, as Triton Inference Server loads it.")]
 TritonName = Annotated[Optional[str], typer.Option(
     "--triton-name", help="The model's name in the Triton repository.  [default: the -o folder's name]")]
-TritonInstances = Annotated[int, typer.Option(
-    "--triton-instances", min=1, help="Model instances in Triton's instance group.")]
+TritonInstances = Annotated[Optional[int], typer.Option(
+    "--triton-instances", min=1, help="Model instances in Triton's instance group.  [default: 1]",
+    show_default=False)]
+
+# the core key of each --triton-* option that only applies with --triton-repo
+TRITON_FLAGS = {"name": "--triton-name", "count": "--triton-instances", "kind": "--triton-instance-kind",
+                "max_batch_size": "--triton-max-batch-size"}
 
 
-def triton(repo: Optional[Path], name: Optional[str], instances: int, kind: str, **extra) -> dict | None:
-    """The --triton-* options as the dict core takes (None without --triton-repo)."""
+def triton(repo: Optional[Path], **given) -> dict | None:
+    """The --triton-* options as the dict core takes (None without --triton-repo, where
+    any other --triton-* option is refused, as mk refuses an option of a mode not chosen).
+    `given`: core key → value, None where the option was not given (core has the defaults)."""
     if repo is None:
+        stray = [TRITON_FLAGS[k] for k, v in given.items() if v is not None]
+        if stray:
+            from mk.core.errors import BadInput
+            raise BadInput(f"{' and '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with --triton-repo",
+                           hint="pass --triton-repo DIR to write a Triton model repository, or drop "
+                                + ("them" if len(stray) > 1 else "it"))
         return None
-    return {"repo": repo, "name": name, "count": instances, "kind": kind, **extra}
+    return {"repo": repo, **{k: v for k, v in given.items() if v is not None}}

@@ -150,28 +150,46 @@ def file_blocker(ours: Blocker | None = None) -> Blocker:
 
 # --------------------------------------------------------- the checks --
 
-def check_output(out: Path, force: bool, inputs=(), blocker: Blocker = artifact_blocker) -> Path:
+def check_apart(out: Path, inputs, flag: str = "-o") -> None:
+    """Refuse an output that is an input or holds one (--force would delete it), one
+    inside an input (it would change the input: a source folder of classes would gain
+    one), and one inside any mk artifact (its mk.json lists every file it holds, so the
+    artifact would no longer verify). `inputs` that do not exist are skipped: some are
+    names (`minilm`), not paths."""
+    target = Path(out).resolve()
+    for ref in inputs:
+        if ref is None or not Path(ref).exists():
+            continue
+        source = Path(ref).resolve()
+        if source.is_relative_to(target):
+            raise BadInput(f"{flag} {out}: would overwrite the input {ref}", hint=f"choose another {flag}")
+        if target.is_relative_to(source):
+            raise BadInput(f"{flag} {out}: inside the input {ref}", hint=f"choose another {flag}, outside it")
+    for folder in target.parents:
+        if (folder / MANIFEST).is_file():
+            raise BadInput(f"{flag} {out}: inside the mk artifact {folder} (its mk.json lists every file it holds)",
+                           hint=f"choose another {flag}, outside it")
+
+
+def check_output(out: Path, force: bool, inputs=(), blocker: Blocker = artifact_blocker, flag: str = "-o") -> Path:
     """Refuse, before any work, an output that cannot or must not be written: one that
     exists (unless --force, and then only what `blocker` allows), one below a file
-    or in a folder that is not writable, and one that is an input or holds one.
-    Missing parent folders are fine: `atomic_output` makes them."""
+    or in a folder that is not writable, and one that is an input, holds one or lies
+    inside one. Missing parent folders are fine: `atomic_output` makes them."""
     out = Path(out)
-    target = out.resolve()
-    for ref in inputs:
-        if ref is not None and Path(ref).exists() and Path(ref).resolve().is_relative_to(target):
-            raise BadInput(f"-o {out}: would overwrite the input {ref}", hint="choose another -o")
+    check_apart(out, inputs, flag)
     what = describe(out)
     if what is not None:
         why = blocker(out)
         if not force:
             raise BadInput(f"{out}: already exists ({why or what})",
-                           hint="pass --force to replace it, or choose another -o" if why is None else
-                           "--force would not replace it either (only what mk wrote); choose another -o")
+                           hint=f"pass --force to replace it, or choose another {flag}" if why is None else
+                           f"--force would not replace it either (only what mk wrote); choose another {flag}")
         if why is not None:
             raise BadInput(f"{out}: is {why}; --force replaces only what mk wrote there (an mk artifact, "
                            "an empty folder)" if describe(out) == "a folder" else
                            f"{out}: is {why}; --force does not replace it",
-                           hint="move it away, or choose another -o")
+                           hint=f"move it away, or choose another {flag}")
     ancestor = out.parent
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent

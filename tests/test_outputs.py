@@ -257,3 +257,46 @@ def test_two_mk_prep_started_together_one_wins_the_other_says_so(tmp_path, tweet
     assert "another process" in loser or "changed while this run was writing" in loser, loser
     assert json.loads((tmp_path / "out" / "x" / "mk.json").read_text())["kind"] == "dataset"
     assert os.listdir(tmp_path / "out") == ["x"]
+
+
+def test_an_output_inside_an_input_or_any_mk_artifact_is_refused(tmp_path):
+    """-o inside an input, or inside any mk artifact, would add files the artifact's
+    manifest does not list (it would no longer verify, nor be replaceable with --force)."""
+    d2, data = _artifact(tmp_path / "d2"), _artifact(tmp_path / "data")
+    plain = tmp_path / "hf"  # an input that is not an mk artifact: a folder it reads is an input all the same
+    plain.mkdir()
+    with pytest.raises(BadInput, match="-o .*d2/int8: inside the input .*d2"):
+        check_output(d2 / "int8", force=False, inputs=[d2])
+    with pytest.raises(BadInput, match="inside the input .*hf"):
+        check_output(plain / "deep" / "out", force=True, inputs=[plain])
+    with pytest.raises(BadInput, match=f"inside the mk artifact {data}"):
+        check_output(data / "sub" / "out", force=False, inputs=[d2])
+    with pytest.raises(BadInput, match="would overwrite the input"):  # and the converse, even with --force
+        check_output(tmp_path, force=True, inputs=[d2])
+    assert check_output(tmp_path / "beside", force=False, inputs=[d2, data]) == tmp_path / "beside"
+
+
+def test_commands_refuse_an_output_inside_their_input_before_any_work(tmp_path, tiny_model, tweets_rows,
+                                                                       minilm_dir):
+    import shutil
+
+    from mk.core.artifact import open_artifact
+    from mk.core.info import check_files
+
+    model = tmp_path / "d2"
+    shutil.copytree(tiny_model, model)
+    before = sorted(p.name for p in model.iterdir())
+    r = runner.invoke(app, ["quant", str(model), "--no-gate", "-o", str(model / "int8")])
+    assert r.exit_code == 2 and f"-o {model / 'int8'}: inside the input {model}" in r.stderr, r.stderr
+    r = runner.invoke(app, ["bench", str(model), "--iters", "1", "--rounds", "1", "--batch-sizes", "1",
+                            "--seq-lens", "8", "-o", str(model / "bench.json")])
+    assert r.exit_code == 2 and "inside the input" in r.stderr, r.stderr
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "d2-onnx").exists()
+    # a dataset artifact that is not this command's input: mk prep -o inside it
+    src = write_labelled_csv(tmp_path / "two.csv", tweets_rows, per_label=20)
+    data = tmp_path / "data"
+    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(data)])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(data / "sub")])
+    assert r.exit_code == 2 and "inside the mk artifact" in r.stderr, r.stderr
+    assert not (data / "sub").exists() and check_files(open_artifact(data), verify=True) == []

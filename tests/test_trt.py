@@ -162,7 +162,7 @@ def test_export_onnx_writes_a_triton_repository(tiny_model, tiny_dataset, tmp_pa
     pytest.importorskip("tritonclient.grpc")
     import onnxruntime as ort
     from mk.core.artifact import open_artifact
-    from mk.core.compression.triton import check_repo, parse_config, write_onnx_repo
+    from mk.core.compression.triton import check_model_dir, parse_config, write_onnx_repo
 
     repo = tmp_path / "repo"
     r = run_mk("export-onnx", str(tiny_model), "--data", str(tiny_dataset), "-o", str(tmp_path / "onnx"),
@@ -179,9 +179,9 @@ def test_export_onnx_writes_a_triton_repository(tiny_model, tiny_dataset, tmp_pa
     assert {i.name for i in cfg.input} == graph_inputs
     assert [list(i.dims) for i in cfg.input] == [[-1]] * len(graph_inputs)  # batch axis left to Triton
     assert sorted(p.name for p in (repo / "tweets").iterdir()) == ["1", "config.pbtxt", "labels.txt"]
-    # again: refused without --force, replaced with it (it is a repository mk wrote)
+    # again: refused without --force, replaced with it (it is a model folder mk wrote)
     with pytest.raises(BadInput, match="already exists"):
-        check_repo(repo, force=False)
+        check_model_dir(repo, "tweets", force=False)
     write_onnx_repo(open_artifact(tmp_path / "onnx"), {"repo": repo, "name": "tweets"}, force=True)
     assert parse_config((repo / "tweets" / "config.pbtxt").read_text()).max_batch_size == 32
 
@@ -191,8 +191,64 @@ def test_triton_repo_refuses_a_folder_mk_did_not_write(tiny_model, tmp_path):
     repo.mkdir()
     (repo / "notes.txt").write_text("mine")
     r = run_mk("export-onnx", str(tiny_model), "-o", str(tmp_path / "onnx"), "--triton-repo", str(repo), "--force")
-    assert r.returncode == 2 and "not a Triton model repository written by mk" in r.stderr
+    assert r.returncode == 2 and "is a folder that is not a Triton model repository (notes.txt" in r.stderr
     assert (repo / "notes.txt").read_text() == "mine" and not (tmp_path / "onnx").exists()
+
+
+def test_a_repository_gains_models_and_force_replaces_only_the_one_named(tiny_model, tmp_path):
+    """A Triton repository holds many models: a new name is added without --force, and
+    --force replaces that model folder alone, never the others (mk's or not)."""
+    from mk.core.artifact import open_artifact
+    from mk.core.compression.triton import write_onnx_repo
+
+    repo, onnx = tmp_path / "repo", tmp_path / "x1"
+    theirs = repo / "theirs"  # a model mk did not write (Triton's Python backend)
+    (theirs / "1").mkdir(parents=True)
+    (theirs / "config.pbtxt").write_text('backend: "python"\n')
+    (theirs / "1" / "model.py").write_text("# theirs\n")
+    r = mk_cli("-q", "export-onnx", tiny_model, "-o", onnx, "--triton-repo", repo, "--triton-name", "first")
+    assert r.returncode == 0, r.stderr
+    art = open_artifact(onnx)
+    first = (repo / "first" / "config.pbtxt").read_text()
+    assert write_onnx_repo(art, {"repo": repo, "name": "second"}) == repo / "second"  # no --force needed
+    with pytest.raises(BadInput, match="second: already exists") as e:
+        write_onnx_repo(art, {"repo": repo, "name": "second"})
+    assert "pass --force" in e.value.hint
+    write_onnx_repo(art, {"repo": repo, "name": "second", "max_batch_size": 4}, force=True)
+    assert "max_batch_size: 4" in (repo / "second" / "config.pbtxt").read_text()
+    assert sorted(p.name for p in repo.iterdir()) == ["first", "second", "theirs"]
+    assert (repo / "first" / "config.pbtxt").read_text() == first
+    assert (theirs / "1" / "model.py").read_text() == "# theirs\n"
+    with pytest.raises(BadInput, match="not a Triton model folder written by mk"):
+        write_onnx_repo(art, {"repo": repo, "name": "theirs"}, force=True)
+    assert (theirs / "1" / "model.py").read_text() == "# theirs\n"
+    r = mk_cli("export-onnx", tiny_model, "-o", onnx, "--force", "--triton-repo", onnx / "repo")
+    assert r.returncode == 2 and "overlap" in r.stderr, r.stderr  # the repository inside the -o artifact
+    assert sorted(p.name for p in repo.iterdir()) == ["first", "second", "theirs"]
+
+
+@pytest.mark.parametrize("option", [["--triton-instance-kind", "tpu"], ["--triton-name", ".."]])
+def test_triton_options_are_checked_before_the_export(tiny_model, tmp_path, option):
+    out, repo = tmp_path / "e1", tmp_path / "tri"
+    r = mk_cli("export-onnx", tiny_model, "-o", out, "--triton-repo", repo, *option)
+    assert r.returncode == 2 and "exported" not in r.stderr, r.stderr
+    assert ("expected one of auto, gpu, cpu" if "tpu" in option else "no usable Triton model name") in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_triton_options_without_a_repository_are_refused(tiny_model, tmp_path):
+    r = mk_cli("export-onnx", tiny_model, "-o", tmp_path / "e", "--triton-instance-kind", "cpu")
+    assert r.returncode == 2 and "--triton-instance-kind only applies with --triton-repo" in r.stderr, r.stderr
+    r = mk_cli("export-trt", tiny_model, "-o", tmp_path / "t", "--triton-name", "m", "--triton-instances", "2")
+    assert r.returncode == 2 and "--triton-name and --triton-instances only apply with --triton-repo" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_export_trt_checks_the_triton_name_before_any_work(tiny_model, tiny_dataset, tmp_path):
+    r = mk_cli("export-trt", tiny_model, "--data", tiny_dataset, "-o", tmp_path / "trt",
+               "--triton-repo", tmp_path / "repo", "--triton-name", "..")
+    assert r.returncode == 2 and "'..': no usable Triton model name" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_triton_config_errors():

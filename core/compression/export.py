@@ -270,8 +270,8 @@ def export_onnx(model: str | Path, out: str | Path, data: str | Path | None = No
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
     if triton:
-        from mk.core.compression.triton import check_repo
-        check_repo(Path(triton["repo"]), force, inputs=[art.path, out])
+        from mk.core.compression.triton import check_triton
+        triton = check_triton(triton, out, force, inputs=[art.path, data])
     _check_exportable(art)
     atol = _check_export_options(opset, exporter, atol, fp16)
     config = art.config()

@@ -250,8 +250,8 @@ def export_trt(model: str | Path, out: str | Path, data: str | Path | None = Non
     art = open_artifact(model, kind="model", trust_pickle=trust_pickle)
     out = check_output(Path(out), force, inputs=[art.path, data])
     if triton:
-        from mk.core.compression.triton import check_repo
-        check_repo(Path(triton["repo"]), force, inputs=[art.path, out])
+        from mk.core.compression.triton import check_triton
+        triton = check_triton(triton, out, force, inputs=[art.path, data])
     if art.format not in ("onnx", "safetensors"):
         raise BadInput(f"{art.path}: a {art.format} model cannot be built into an engine; give its ONNX parent")
     if art.task != "text-classification":

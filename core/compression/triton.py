@@ -11,6 +11,10 @@ batcher's preferred sizes from the shape profile, one instance group. It is
 written by hand here (a few fixed fields) so that writing needs no tritonclient;
 the tests parse it with the real `ModelConfig` message from tritonclient, and so
 does `parse_config` when tritonclient is installed.
+
+A repository holds many models, so mk writes only DIR/<name>: a new name is added
+to a repository (missing, empty, or holding only model folders) without --force;
+--force replaces that one model folder, if mk wrote it, and never the others.
 """
 
 from __future__ import annotations
@@ -38,10 +42,7 @@ def config_text(name: str, platform: str, inputs: list[tuple[str, str, list[int]
     """config.pbtxt for a model; inputs/outputs are (name, numpy dtype name, dims without batch)."""
     if platform not in PLATFORMS:
         raise BadInput(f"Triton platform {platform!r}: expected {' or '.join(PLATFORMS)}")
-    if kind not in KINDS:
-        raise BadInput(f"--triton-instance-kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if count < 1:
-        raise BadInput(f"--triton-instances {count}: needs at least 1")
+    check_instances(kind, count)
 
     def tensor(t, label):
         n, dtype, dims = t
@@ -78,37 +79,85 @@ def model_name(name: str) -> str:
     return clean
 
 
-def repo_blocker(path: Path) -> str | None:
-    """`--force` replaces only an empty folder or a model repository as mk writes it."""
-    what = describe(path)
+def _is_model_folder(path: Path) -> bool:
+    """A Triton model folder: its config.pbtxt, or a numbered version folder (Triton
+    can derive an ONNX or TensorRT model's config without config.pbtxt)."""
+    return path.is_dir() and any(
+        e.name == "config.pbtxt" or (e.name.isdigit() and e.is_dir()) for e in os.scandir(path))
+
+
+def repo_blocker(repo: Path) -> str | None:
+    """Why mk may not add a model to `repo`: None for a folder that is empty or holds only
+    model folders (a Triton model repository, mk's or not). Hidden entries are skipped:
+    mk's own temporaries (`.NAME.tmp-PID`) stand there while a model is put in place."""
+    what = describe(repo)
     if what != "a folder":
         return what
-    ours = {"config.pbtxt", LABELS_FILE, "1"}
-    for entry in os.scandir(path):
-        inner = Path(entry.path)
-        if not entry.is_dir(follow_symlinks=False) or not (inner / "config.pbtxt").is_file() \
-                or set(os.listdir(inner)) - ours:
-            return "a folder that is not a Triton model repository written by mk"
+    others = sorted(e.name for e in os.scandir(repo) if not e.name.startswith(".") and not _is_model_folder(Path(e.path)))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        return f"a folder that is not a Triton model repository ({shown}: not a model folder)"
     return None
 
 
-def check_repo(repo: Path, force: bool, inputs=()) -> Path:
-    """Refuse, before any work, a repository folder that must not be written."""
-    return check_output(Path(repo), force, inputs=inputs, blocker=repo_blocker)
+def model_blocker(path: Path) -> str | None:
+    """`--force` replaces only a model folder as mk writes it: config.pbtxt, labels.txt
+    and version 1 holding the model's files."""
+    what = describe(path)
+    if what != "a folder":
+        return what
+    version = path / "1"
+    model_files = {name for _, name in PLATFORMS.values()} | {f"{PLATFORMS['onnx'][1]}.data"}
+    if not (path / "config.pbtxt").is_file() or set(os.listdir(path)) - {"config.pbtxt", LABELS_FILE, "1"} \
+            or not version.is_dir() or version.is_symlink() or set(os.listdir(version)) - model_files:
+        return "a folder that is not a Triton model folder written by mk"
+    return None
+
+
+def check_instances(kind: str, count: int) -> None:
+    if kind not in KINDS:
+        raise BadInput(f"--triton-instance-kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if count < 1:
+        raise BadInput(f"--triton-instances {count}: needs at least 1")
+
+
+def check_model_dir(repo: Path, name: str, force: bool, inputs=()) -> Path:
+    """Refuse, before any work, a model folder REPO/NAME that must not be written: REPO
+    must be missing or a model repository; REPO/NAME new, or with --force a model
+    folder mk wrote (the other models in REPO are never touched)."""
+    why = repo_blocker(Path(repo)) if os.path.lexists(repo) else None
+    if why is not None:
+        raise BadInput(f"--triton-repo {repo}: is {why}; mk adds models only to a Triton model repository",
+                       hint="choose another --triton-repo (a new folder, or one holding only model folders)")
+    return check_output(Path(repo) / name, force, inputs=inputs, blocker=model_blocker, flag="--triton-repo")
+
+
+def check_triton(triton: dict, out: Path, force: bool, inputs=()) -> dict:
+    """The --triton-* options checked before any work, so that a bad one costs no export
+    and leaves nothing behind; returns them with the model's name settled (default: the
+    -o folder's). `out` is not written yet, so the repository is kept apart from it here."""
+    check_instances(triton.get("kind", "auto"), triton.get("count", 1))
+    name = model_name(triton.get("name") or Path(out).resolve().name)
+    model_dir, target = (Path(triton["repo"]) / name).resolve(), Path(out).resolve()
+    if model_dir.is_relative_to(target) or target.is_relative_to(model_dir):
+        raise BadInput(f"--triton-repo {triton['repo']}: its model folder {name} and -o {out} overlap",
+                       hint="keep the Triton repository outside the artifact")
+    check_model_dir(Path(triton["repo"]), name, force, inputs)
+    return {**triton, "name": name}
 
 
 def write_repo(repo: Path, name: str, platform: str, files: list[Path], config: str, labels: list[str],
                force: bool = False) -> Path:
-    """Write the repository atomically; returns the model's folder."""
-    with atomic_output(repo, force, blocker=repo_blocker) as tmp:
-        model_dir = tmp / name
-        (model_dir / "1").mkdir(parents=True)
+    """Write the model folder REPO/NAME atomically (REPO made if missing); returns it."""
+    model_dir = check_model_dir(Path(repo), name, force)
+    with atomic_output(model_dir, force, blocker=model_blocker) as tmp:
+        (tmp / "1").mkdir()
         for f in files:
-            shutil.copy2(f, model_dir / "1" / f.name)
-        (model_dir / "config.pbtxt").write_text(config)
+            shutil.copy2(f, tmp / "1" / f.name)
+        (tmp / "config.pbtxt").write_text(config)
         if labels:
-            (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
-    return Path(repo) / name
+            (tmp / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
+    return model_dir
 
 
 def write_onnx_repo(art, triton: dict, force: bool = False) -> Path:

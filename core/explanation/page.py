@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mk.core.errors import BadInput
 from mk.core.explanation.render import segments, top_words
+from mk.core.outputs import check_apart
 
 GENERATOR = '<meta name="generator" content="mk explain">'
 SUFFIXES = (".html", ".htm")
@@ -60,9 +61,11 @@ if (wanted) {
 """
 
 
-def check_page(path: Path, force: bool) -> Path:
-    """Refuse, before any work, a page that cannot or must not be written."""
+def check_page(path: Path, force: bool, inputs=()) -> Path:
+    """Refuse, before any work, a page that cannot or must not be written (one inside
+    an input artifact too: it would add a file its manifest does not list)."""
     path = Path(path)
+    check_apart(path, inputs, "--html")
     if path.suffix.lower() not in SUFFIXES:
         raise BadInput(f"--html {path}: give a file name ending in .html")
     if path.is_dir():

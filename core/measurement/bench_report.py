@@ -13,8 +13,9 @@ OUTPUT_SUFFIXES = (".csv", ".parquet", ".json")
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
-def check_paths(output: Path | None, plot: Path | None, force: bool = False) -> None:
-    """Refuse an output we cannot or must not write before minutes of measuring."""
+def check_paths(output: Path | None, plot: Path | None, force: bool = False, inputs=()) -> None:
+    """Refuse an output we cannot or must not write before minutes of measuring (one
+    inside an input artifact too: it would add a file its manifest does not list)."""
     from mk.core.outputs import check_output, file_blocker
 
     for path, suffixes, option in ((output, OUTPUT_SUFFIXES, "-o"), (plot, PLOT_SUFFIXES, "--plot")):
@@ -23,7 +24,7 @@ def check_paths(output: Path | None, plot: Path | None, force: bool = False) -> 
         if path.suffix.lower() not in suffixes:
             raise BadInput(f"{option} {path}: unknown file type {path.suffix or '(none)'!r}; "
                            f"use {', '.join(suffixes)}")
-        check_output(path, force, blocker=file_blocker(_ours(path)))
+        check_output(path, force, inputs=inputs, blocker=file_blocker(_ours(path)), flag=option)
 
 
 def is_bench_result(path: Path) -> str | None:
