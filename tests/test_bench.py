@@ -380,3 +380,30 @@ def test_a_baseline_of_other_artifacts_is_not_matched_by_position():
         compare(_synthetic(), other, 0.05, parse_renames("nope=tuned"))
     with pytest.raises(BadInput, match="BASELINE_NAME=NAME"):
         parse_renames("tuned")
+
+
+def test_an_image_classifier_is_measured_on_the_datasets_images(tmp_path):
+    """An image has no length to vary: the images of --data by default, --seq-lens N refused,
+    and no dataset at all said in one line (was a raw AttributeError on synthetic token ids)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from mk.core.data.prep import PrepOptions, prep
+    from test_prep import make_image_folder
+
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3, id2label=dict(enumerate(["cat", "dog", "fox"])),
+                       label2id={"cat": 0, "dog": 1, "fox": 2})
+    vit = tmp_path / "vit"
+    ViTForImageClassification(config).eval().save_pretrained(str(vit))
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(str(vit))
+    prep(make_image_folder(tmp_path / "imgs"), tmp_path / "data", PrepOptions(tokenizer=str(vit)))
+    fast = ["--batch-sizes", "1,2", "--iters", "2", "--rounds", "1", "--json"]
+
+    r = run_mk("bench", str(vit), *fast)
+    assert r.returncode == 2 and "measured on real images" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_mk("bench", str(vit), "--data", str(tmp_path / "data"), "--seq-lens", "16", *fast)
+    assert r.returncode == 2 and "image classifier" in r.stderr and "--seq-lens" in r.stderr, r.stderr
+    r = run_mk("bench", str(vit), "--data", str(tmp_path / "data"), *fast)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["results"]
+    assert {row["batch_size"] for row in rows} == {1, 2} and all(row["seq_len"] == "data" for row in rows)

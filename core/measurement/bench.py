@@ -39,6 +39,7 @@ NOISE = 1.05
 SETTLE_S = 0.05  # pause between artifacts' blocks: OpenMP / ORT worker threads spin a while after a call
 DATA = "data"  # the --seq-lens entry that means real inputs from the dataset
 CAUSAL = "text-generation"
+IMAGE = "image-classification"  # measured on real images only: an image has no length to vary
 DEFAULTS = {
     "encoder": {"batch_sizes": [1, 8, 32], "seq_lens": [128], "rounds": 5, "warmup": 3},
     CAUSAL: {"batch_sizes": [1, 8], "seq_lens": [128, 512], "rounds": 3, "warmup": 1, "eval_limit": 100,
@@ -72,7 +73,7 @@ class Settings:
         from dataclasses import replace
 
         d = dict(DEFAULTS[CAUSAL if task == CAUSAL else "encoder"])
-        if task != CAUSAL and self.data is not None:
+        if task != CAUSAL and (self.data is not None or task == IMAGE):
             d["seq_lens"] = [DATA]
         return replace(self, **{k: v for k, v in d.items() if getattr(self, k) is None})
 
@@ -472,7 +473,7 @@ def run(paths: list, settings: Settings, given: list | None = None) -> dict:
         raise BadInput("--new-tokens: only text-generation models generate; "
                        f"{arts[0].path} is a {arts[0].task or 'non-generative'} model")
     threads = settings.threads or default_threads()
-    dataset = _dataset(arts, settings)
+    dataset = _dataset(arts, settings, task)
     vocab = _check_shapes(arts, settings)
 
     _preimport(arts, settings.device)
@@ -546,6 +547,9 @@ def _dataset(arts: list[Artifact], settings: Settings, task: str | None = None) 
     if task == CAUSAL and dataset is not None and dataset.task != CAUSAL:
         raise BadInput(f"{dataset.path}: is a {dataset.task or 'classification'} dataset; a causal LM is "
                        "measured on a text-generation dataset", hint="make one with `mk prep --task generate`")
+    if DATA in settings.seq_lens and dataset is None and task == IMAGE:
+        raise BadInput(f"{arts[0].path}: an image classifier is measured on real images, and no dataset is in "
+                       "its lineage", hint="pass --data DATASET (made by `mk prep` from a folder of images)")
     if DATA in settings.seq_lens and dataset is None:
         raise BadInput("--seq-lens data: no dataset to take real inputs from",
                        hint="pass --data DATASET (made by `mk prep`)")
@@ -563,6 +567,10 @@ def _check_shapes(arts: list[Artifact], settings: Settings) -> int:
     """Every --seq-lens within every model's positions; the vocabulary that synthetic
     inputs may draw from (valid for every model in the run)."""
     for a in arts:
+        if a.task == IMAGE and settings.seq_lens != [DATA]:
+            raise BadInput(f"--seq-lens {','.join(map(str, settings.seq_lens))}: {a.path} is an image classifier; "
+                           "it takes the dataset's images, not token sequences",
+                           hint="leave --seq-lens out (data is the default for image models)")
         m = max_positions(a)
         for s in settings.seq_lens:
             if s != DATA and m is not None and s > m:
