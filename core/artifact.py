@@ -294,10 +294,11 @@ def require(condition: bool, message: str, hint: str | None = None) -> None:
 
 
 def human_bytes(n: float) -> str:
-    if abs(n) < 1024:
+    """Decimal units (1 MB = 10^6 bytes), as file managers and the README's tables give sizes."""
+    if abs(n) < 1000:
         return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if abs(n) < 1000 or unit == "GB":
             break
     return f"{n:.1f} {unit}"

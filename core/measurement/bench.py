@@ -584,7 +584,8 @@ def _busy(load_before: float | None) -> str | None:
     cores = os.cpu_count() or 1
     if load_before is not None and load_before > 0.5 * cores:
         return (f"the machine is busy (load average {load_before:.1f} on {cores} CPUs before measuring): "
-                "expect noisy numbers; ratios from this run remain comparable")
+                "expect noisy numbers, ratios between runtimes too (torch and ONNX Runtime slow down "
+                "differently when they share the cores)")
     return None
 
 
