@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, open_artifact
+from mk.core.artifact import Artifact, changed_since, open_artifact
+from mk.core.console import log
 from mk.core.errors import BadInput
 from mk.core.safetensors_info import read_header
 
@@ -68,13 +69,19 @@ def open_dataset(path: str | Path) -> Artifact:
 
 def lineage_dataset(model: Artifact) -> Artifact | None:
     """The dataset the nearest artifact of the model's lineage records, or None when
-    none records one (a lineage that names a dataset that is gone is an error)."""
+    none records one (a lineage that names a dataset that is gone is an error).
+    One that changed since it was recorded is used with a warning, not refused, as
+    `mk info --lineage` only marks a changed parent: a dataset may be remade on purpose."""
     for art, _ in model.lineage():
         if art is not None and (p := art.dataset_path()) is not None:
             if not p.exists():
                 raise BadInput(f"{model.path}: its lineage names the dataset {p}, which no longer exists",
                                hint="pass --data DATASET")
-            return open_dataset(p)
+            dataset = open_dataset(p)
+            if changed_since(art.manifest["dataset"], dataset):
+                log.warning("%s: not the dataset %s recorded (its sha256 differs: changed or remade since); "
+                            "using it anyway (pass --data to choose one)", p, art.path / "mk.json")
+            return dataset
     return None
 
 

@@ -269,6 +269,23 @@ def test_a_dataset_whose_labels_are_other_classes_is_refused(tmp_path, onnx_pare
              "the same names in another order")
 
 
+def test_a_lineage_dataset_changed_since_it_was_recorded_is_used_with_a_warning(tmp_path, onnx_parent,
+                                                                               tiny_dataset, caplog):
+    import shutil
+
+    from mk.core.artifact import open_artifact
+    from mk.core.dataset import lineage_dataset
+
+    data = shutil.copytree(tiny_dataset, tmp_path / "data")
+    model = _recording(tmp_path, "m", onnx_parent, data)
+    assert lineage_dataset(open_artifact(model)).path == data and "not the dataset" not in caplog.text
+    manifest = json.loads((data / "mk.json").read_text())  # remade: another sample, say
+    (data / "mk.json").write_text(json.dumps(manifest | {"seed": manifest.get("seed", 0) + 1}))
+    r = mk_cli("quant", str(model), "-o", str(tmp_path / "q"), "--max-drop", "100")
+    assert r.returncode == 0, r.stderr
+    assert f"{data}: not the dataset {model / 'mk.json'} recorded (its sha256 differs" in r.stderr
+
+
 def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_dataset):
     from mk.core.compression.quantize import quantize
 
