@@ -125,7 +125,7 @@ class Artifact:
                 chain.append((None, link | {"missing": True}))
                 break
             parent = open_artifact(p)
-            link["changed"] = bool(link.get("sha256")) and link["sha256"] != parent.digest()
+            link["changed"] = changed_since(link, parent)
             chain.append((parent, link))
             current = parent
         return chain
@@ -144,6 +144,13 @@ class Artifact:
             if (self.path / name).is_file():
                 return self.path / name
         return None
+
+
+def changed_since(link: dict, target: Artifact) -> bool:
+    """Whether the artifact a link (`parent`, `dataset`) leads to is no longer the
+    one recorded: its digest differs from the link's sha256 (a link without one
+    cannot tell)."""
+    return bool(link.get("sha256")) and link["sha256"] != target.digest()
 
 
 def _synthesize_hf_manifest(path: Path, format: str = "safetensors") -> dict:

@@ -1,4 +1,5 @@
-"""Dataset artifacts: read splits as numpy arrays and cut them into batches.
+"""Dataset artifacts: read splits as numpy arrays and cut them into batches; find
+a model's dataset (`--data` or its lineage's) and check that its labels are the model's.
 
 A dataset artifact holds `train/val/test.safetensors`, each with `input_ids`
 (int32, padded to the dataset's max length), `attention_mask` (int8) and
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mk.core.artifact import Artifact, open_artifact
+from mk.core.artifact import Artifact, changed_since, open_artifact
+from mk.core.console import log
 from mk.core.errors import BadInput
 from mk.core.safetensors_info import read_header
 
@@ -67,13 +69,19 @@ def open_dataset(path: str | Path) -> Artifact:
 
 def lineage_dataset(model: Artifact) -> Artifact | None:
     """The dataset the nearest artifact of the model's lineage records, or None when
-    none records one (a lineage that names a dataset that is gone is an error)."""
+    none records one (a lineage that names a dataset that is gone is an error).
+    One that changed since it was recorded is used with a warning, not refused, as
+    `mk info --lineage` only marks a changed parent: a dataset may be remade on purpose."""
     for art, _ in model.lineage():
         if art is not None and (p := art.dataset_path()) is not None:
             if not p.exists():
                 raise BadInput(f"{model.path}: its lineage names the dataset {p}, which no longer exists",
                                hint="pass --data DATASET")
-            return open_dataset(p)
+            dataset = open_dataset(p)
+            if changed_since(art.manifest["dataset"], dataset):
+                log.warning("%s: not the dataset %s recorded (its sha256 differs: changed or remade since); "
+                            "using it anyway (pass --data to choose one)", p, art.path / "mk.json")
+            return dataset
     return None
 
 
@@ -83,6 +91,29 @@ def dataset_for(model: Artifact, data: str | Path | None) -> Artifact:
     if found is None:
         raise BadInput(f"{model.path}: no dataset in its lineage", hint="pass --data DATASET (made by `mk prep`)")
     return found
+
+
+def label_mismatch(names, labels, who: str, unnamed_ok: bool = False) -> str | None:
+    """Why a model's label ids (`names`, in id order) cannot be read as a dataset's,
+    or None when they can: another count, or other names id by id. With
+    `unnamed_ok` (training, which gives the ids their meaning), a head of
+    transformers' default names (LABEL_0, LABEL_1, …) matches labels of its count."""
+    names, labels = [str(n) for n in names], [str(label) for label in labels]
+    unnamed = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+    if len(names) == len(labels) and (names == labels or (unnamed_ok and unnamed)):
+        return None
+    ours, theirs = ", ".join(names), ", ".join(labels)
+    if len(names) != len(labels):
+        return f"{who} has {len(names)} labels ({ours}), the dataset has {len(labels)} ({theirs})"
+    order = " (the same names in another order)" if sorted(names) == sorted(labels) else ""
+    return f"{who}'s labels ({ours}) differ from the dataset's ({theirs}){order}"
+
+
+def check_labels(model: Artifact, dataset: Artifact, hint: str | None = None) -> None:
+    """Exit 2 when the dataset's label ids stand for other classes than the model's:
+    an accuracy, a gate or an importance measured on it would mean nothing."""
+    if model.labels and dataset.labels and (why := label_mismatch(model.labels, dataset.labels, "the model")):
+        raise BadInput(f"{dataset.path}: {why}", hint=hint)
 
 
 def save_split(root: Path, split: str, arrays: dict[str, np.ndarray]) -> Path:

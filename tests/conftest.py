@@ -203,6 +203,18 @@ def copy_with_other_tokenizer(dataset: Path, out: Path) -> Path:
     return out
 
 
+def relabelled_copy(dataset: Path, out: Path, labels: list[str]) -> Path:
+    """A copy of a dataset artifact whose label ids are named `labels` in its manifest:
+    the same count as the original's, other classes (as `mk prep` of other data makes)."""
+    import json
+    import shutil
+
+    shutil.copytree(dataset, out)
+    manifest = json.loads((out / "mk.json").read_text())
+    (out / "mk.json").write_text(json.dumps(manifest | {"labels": labels}, indent=2) + "\n")
+    return out
+
+
 def run_mk(*args: str, input: str | None = None, env: dict | None = None, cwd=None, check=False,
            timeout: float = 600):
     """Run the real `mk` console script in a subprocess (stdout and stderr apart)."""

@@ -525,6 +525,31 @@ def test_nan_labels_are_missing_labels(tmp_path, rows, minilm_dir):
     assert result["labels"] == ["0", "1", "2"] and result["cleaning"]["no_label"] == 7
 
 
+def test_labels_kept_as_written(tmp_path, rows, minilm_dir):
+    """Labels are the text written, not what type inference makes of it: 01 and 1 stay
+    two classes, 007 stays 007 (numbers still in numeric order), JSON booleans are
+    true/false; pandas' 1.0 (integers beside a missing value) is 1."""
+    import polars as pl
+
+    texts = [t for t, _ in rows]
+    csv = tmp_path / "codes.csv"
+    csv.write_text("text,label\n" + "".join(f'"{t.replace(chr(34), chr(39))}",{["01", "1", "10", "007"][i % 4]}\n'
+                                           for i, t in enumerate(texts)))
+    assert run_prep(csv, tmp_path / "a", minilm_dir)["labels"] == ["01", "1", "007", "10"]
+    booleans = tmp_path / "b.jsonl"
+    pl.DataFrame({"text": texts, "label": [i % 2 == 0 for i in range(len(texts))]}).write_ndjson(booleans)
+    assert run_prep(booleans, tmp_path / "b", minilm_dir)["labels"] == ["false", "true"]
+    floats = write_table(tmp_path / "f.parquet", [(t, float(i % 3) * 5) for i, t in enumerate(texts)])
+    assert run_prep(floats, tmp_path / "c", minilm_dir)["labels"] == ["0", "5", "10"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_fractional_number_labels_are_refused(tmp_path, rows, minilm_dir, suffix):
+    src = write_table(tmp_path / f"d{suffix}", [(t, [0.5, 1.0, 2.0][i % 3]) for i, (t, _) in enumerate(rows)])
+    r, out = bad(tmp_path, minilm_dir, src)
+    one_error_line(r, out, "label column 'label' holds non-integer numbers")
+
+
 def test_bad_input_in_a_real_process(tmp_path, minilm_dir):
     r = run_mk("prep", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error: ")

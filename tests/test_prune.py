@@ -12,7 +12,7 @@ import pytest
 
 from typer.testing import CliRunner
 
-from conftest import LABELS, copy_with_other_tokenizer, run_mk
+from conftest import LABELS, copy_with_other_tokenizer, relabelled_copy, run_mk
 from mk.cli.main import app
 
 runner = CliRunner()
@@ -198,9 +198,12 @@ def test_bad_models_and_data_are_exit_2(tmp_path, varied_model, tiny_dataset, mi
                                                          hidden_dim=64, num_labels=3)).save_pretrained(distil)
     AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(distil)
     other = copy_with_other_tokenizer(tiny_dataset, tmp_path / "other-data")
+    nums = relabelled_copy(tiny_dataset, tmp_path / "nums", ["2", "9", "10"])  # as many labels, other classes
     cases = [([str(distil), "--data", str(tiny_dataset)], "handles bert, roberta, xlm-roberta"),
              (["minilm", "--data", str(tiny_dataset)], "not a text classifier"),
              ([str(varied_model), "--data", str(other)], "tokenized with another tokenizer"),
+             ([str(varied_model), "--data", str(nums)],
+              "the model's labels (negative, neutral, positive) differ from the dataset's (2, 9, 10)"),
              ([str(varied_model)], "Taylor importance is measured on it")]
     for args, says in cases:
         r = runner.invoke(app, ["prune", *args, "-o", str(tmp_path / "p")])

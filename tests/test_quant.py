@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_with_other_tokenizer, LABELS, mk_cli, run_mk
+from conftest import copy_with_other_tokenizer, LABELS, mk_cli, relabelled_copy, run_mk
 
 MK = str(Path(sys.executable).with_name("mk"))
 
@@ -240,6 +240,50 @@ def test_calibration_data_from_another_tokenizer(tmp_path, onnx_parent, tiny_dat
     out = tmp_path / "out"
     _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--data", str(other), "--method", "static"), out,
              "another tokenizer", "the model's has 30522")
+
+
+def _recording(tmp_path, name: str, onnx_parent: Path, dataset: Path) -> Path:
+    """A copy of the ONNX parent whose manifest records `dataset`: its lineage's data."""
+    import shutil
+
+    from mk.core.artifact import open_artifact, write_manifest
+
+    d = tmp_path / name
+    shutil.copytree(onnx_parent, d)
+    (d / "mk.json").unlink()
+    write_manifest(d, kind="model", format="onnx", labels=LABELS, task="text-classification",
+                   dataset=open_artifact(dataset))
+    return d
+
+
+def test_a_dataset_whose_labels_are_other_classes_is_refused(tmp_path, onnx_parent, tiny_dataset):
+    """As many labels as the model's, other names: the gate would compare ids of unrelated
+    classes. Refused, whether given or found through the lineage."""
+    nums = relabelled_copy(tiny_dataset, tmp_path / "nums", ["2", "9", "10"])
+    says = "the model's labels (negative, neutral, positive) differ from the dataset's (2, 9, 10)"
+    out = tmp_path / "out"
+    _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--data", str(nums)), out, str(nums), says)
+    _refused(mk_cli("quant", str(_recording(tmp_path, "m", onnx_parent, nums)), "-o", str(out)), out, says)
+    shuffled = relabelled_copy(tiny_dataset, tmp_path / "shuffled", LABELS[::-1])
+    _refused(mk_cli("quant", str(onnx_parent), "-o", str(out), "--data", str(shuffled)), out,
+             "the same names in another order")
+
+
+def test_a_lineage_dataset_changed_since_it_was_recorded_is_used_with_a_warning(tmp_path, onnx_parent,
+                                                                               tiny_dataset, caplog):
+    import shutil
+
+    from mk.core.artifact import open_artifact
+    from mk.core.dataset import lineage_dataset
+
+    data = shutil.copytree(tiny_dataset, tmp_path / "data")
+    model = _recording(tmp_path, "m", onnx_parent, data)
+    assert lineage_dataset(open_artifact(model)).path == data and "not the dataset" not in caplog.text
+    manifest = json.loads((data / "mk.json").read_text())  # remade: another sample, say
+    (data / "mk.json").write_text(json.dumps(manifest | {"seed": manifest.get("seed", 0) + 1}))
+    r = mk_cli("quant", str(model), "-o", str(tmp_path / "q"), "--max-drop", "100")
+    assert r.returncode == 0, r.stderr
+    assert f"{data}: not the dataset {model / 'mk.json'} recorded (its sha256 differs" in r.stderr
 
 
 def test_a_quantized_model_is_not_quantized_again(tmp_path, onnx_parent, tiny_dataset):

@@ -103,7 +103,7 @@ def _check_model(art: Artifact) -> dict:
 
 def _dataset(art: Artifact, data, importance: str):
     """The dataset for calibration and evaluation; without one only magnitude works."""
-    from mk.core.dataset import dataset_for
+    from mk.core.dataset import check_labels, dataset_for
     from mk.core.tokenizer_match import check_same_tokenizer
 
     try:
@@ -115,8 +115,7 @@ def _dataset(art: Artifact, data, importance: str):
         raise BadInput(f"{e.message}; Taylor importance is measured on it",
                        hint="pass --data DATASET, or --importance magnitude (data-free)") from None
     check_same_tokenizer(ds, art.path)
-    if ds.labels and art.labels and len(ds.labels) != len(art.labels):
-        raise BadInput(f"{ds.path}: {len(ds.labels)} labels, the model has {len(art.labels)}")
+    check_labels(art, ds, hint="pass --data with a dataset prepared with the model's labels")
     return ds
 
 

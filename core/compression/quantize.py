@@ -409,7 +409,7 @@ def _check_quantizable(art: Artifact) -> None:
 def _dataset(art: Artifact, data, method: str, gate: bool):
     """The dataset to calibrate and gate on (None when neither is asked for), and its
     test split when the gate needs it."""
-    from mk.core.dataset import dataset_for, load_split
+    from mk.core.dataset import check_labels, dataset_for, load_split
 
     if not (gate or method == "static"):
         return None, None
@@ -423,9 +423,9 @@ def _dataset(art: Artifact, data, method: str, gate: bool):
                        hint="pass --data DATASET, or --no-gate to skip the check") from None
     if art.task == "text-classification":
         check_same_tokenizer(ds, art.path)
+    if gate:
+        check_labels(art, ds, hint="gate on a dataset prepared with the model's labels, or pass --no-gate")
     test = load_split(ds, "test") if gate else None
-    if test is not None and ds.labels and art.labels and len(ds.labels) != len(art.labels):
-        raise BadInput(f"{ds.path}: {len(ds.labels)} labels, the model has {len(art.labels)}")
     return ds, test
 
 

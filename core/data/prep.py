@@ -250,15 +250,38 @@ def _split_code(value) -> int | None:
         value.strip().lower() in SPLIT_NAMES else None
 
 
+INTEGER = r"^[+-]?[0-9]+$"  # a label written as an integer: its classes sort numerically
+
+
 def _label_expr(column: str, dtype):
+    """A label as the text written (booleans `true`/`false`, integers as they are);
+    empty or NaN (pandas' missing value) is no label."""
     import polars as pl
 
-    if dtype == pl.Boolean or dtype.is_integer():
-        return pl.col(column).cast(pl.Int64)
-    if dtype.is_float():
-        return pl.col(column).fill_nan(None)  # NaN is a missing label, as pandas writes one
-    lab = pl.col(column).cast(pl.String).str.strip_chars()
+    col = pl.col(column).fill_nan(None) if dtype.is_float() else pl.col(column)
+    lab = col.cast(pl.String).str.strip_chars()
     return pl.when((lab == "") | (lab.str.to_lowercase() == "nan")).then(None).otherwise(lab)
+
+
+def _whole_number_labels(df, table: Table, column: str):
+    """Labels that are all numbers, some written with a fraction (a float column, or
+    `1.0` as pandas writes integers beside a missing value), as integers; a number
+    with a fraction is refused. Labels written as integers stay as written (`01` and
+    `1` are two classes); any label that is not a number leaves them all as text."""
+    import polars as pl
+
+    lab = pl.col("_label")
+    num, written_int = lab.cast(pl.Float64, strict=False), lab.str.contains(INTEGER)
+    whole = num.is_finite() & (num == num.round(0)) & (num.abs() < 2 ** 53)  # exact in a float
+    seen = df.select(not_number=(num.is_null() & lab.is_not_null()).any(), all_int=written_int.fill_null(True).all(),
+                     all_whole=(written_int | whole).fill_null(True).all()).row(0, named=True)
+    if seen["not_number"] or seen["all_int"]:
+        return df
+    if not seen["all_whole"]:
+        raise BadInput(f"{table.name}: label column {column!r} holds non-integer numbers; "
+                       "mk prep makes classification datasets")
+    return df.with_columns(pl.when(written_int).then(lab)
+                           .otherwise(num.cast(pl.Int64, strict=False).cast(pl.String)).alias("_label"))
 
 
 def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
@@ -282,7 +305,6 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
             raise BadInput(f"{table.name}: column {nested[0]!r} holds nested values ({schema[nested[0]]}), "
                            "not plain text or labels", hint="flatten it first, or name another column")
         ldt = schema[cols.label] if cols.label else pl.String
-        numeric &= cols.label is not None and (ldt == pl.Boolean or ldt.is_numeric())
         raw = [pl.col(c).cast(pl.String) for c in (cols.text, cols.pair) if c]
         stripped = [r.str.strip_chars() for r in raw]
         empty = pl.any_horizontal([s.is_null() | (s == "") for s in stripped])
@@ -316,18 +338,15 @@ def scan_rows(tables: list[Table], cols: Columns) -> tuple[object, dict, bool]:
                 values, [_split_code(v) for v in values], return_dtype=pl.Int8).alias("_split")).drop("_split_name")
         elif "_split" not in df.columns:
             df = df.with_columns(pl.lit(POOL, pl.Int8).alias("_split"))
-        if ldt.is_float():
-            floats = df["_label"].drop_nulls()
-            if floats.len() and not (floats == floats.round(0)).all():
-                raise BadInput(f"{table.name}: label column {cols.label!r} holds non-integer numbers; "
-                               "mk prep makes classification datasets")
-            df = df.with_columns(pl.col("_label").cast(pl.Int64))
+        if cols.label and (ldt.is_float() or table.format in ("csv", "tsv")):  # a CSV's labels are untyped text
+            df = _whole_number_labels(df, table, cols.label)
+        numeric &= cols.label is not None and bool(df["_label"].drop_nulls().str.contains(INTEGER).all())
         counts["rows_read"] += df.height
         counts["whitespace_stripped"] += int(df["_changed"].sum())
         counts["empty_text"] += int(df["_empty"].sum())
         counts["no_label"] += int((df["_label"].is_null() & ~df["_empty"]).sum())
         frames.append(df.filter(~pl.col("_empty") & pl.col("_label").is_not_null())
-                      .select("_src", "_row", "_key", pl.col("_label").cast(pl.String), "_split"))
+                      .select("_src", "_row", "_key", "_label", "_split"))
     return pl.concat(frames), counts, numeric
 
 
@@ -349,7 +368,7 @@ def plan_rows(frame, counts: dict, numeric: bool, opts: PrepOptions, what: str,
     # Labels: the classes of the training rows, sorted (numbers numerically), in id order.
     split = frame["_split"].to_numpy().astype(np.int8)
     train_labels = frame.filter(pl.col("_split") <= 0)["_label"].unique().to_list()
-    names = sorted(train_labels, key=(lambda v: (int(v),)) if numeric else (lambda v: (v,)))
+    names = sorted(train_labels, key=(lambda v: (int(v), v)) if numeric else (lambda v: (v,)))
     if not names:
         raise BadInput(f"{what}: no training rows left after cleaning ({_describe(counts)})")
     label = frame["_label"].replace_strict(names, list(range(len(names))), default=-1,

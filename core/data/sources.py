@@ -71,8 +71,10 @@ class Table:
             return self.frame.lazy()
         p = str(self.path)
         if self.format in ("csv", "tsv"):
+            # every column as the text written: type inference would rewrite values
+            # (labels 01 and 1 would become one class 1, true would become 1)
             return pl.scan_csv(p, separator="\t" if self.format == "tsv" else self.separator, encoding=self.encoding,
-                               infer_schema_length=10000, quote_char='"')
+                               infer_schema=False, quote_char='"')
         if self.format == "jsonl":
             return pl.scan_ndjson(p, infer_schema_length=10000)
         return pl.scan_parquet(p)

@@ -101,13 +101,12 @@ def load(art: Artifact, method: str, settings: Settings):
 def dataset_texts(art: Artifact, tok, rows: Rows, runtime, batch_size: int) -> tuple[list[str], list[int]]:
     """A split's rows as text (decoded with the tokenizer) and their true labels; with
     rows.errors only those the model gets wrong; the first rows.limit of them."""
-    from mk.core.dataset import dataset_for, load_split
+    from mk.core.dataset import check_labels, dataset_for, load_split
     from mk.core.tokenizer_match import check_same_tokenizer
 
     dataset = dataset_for(art, rows.data)
     check_same_tokenizer(dataset, art.path)
-    if dataset.manifest.get("labels") and list(dataset.manifest["labels"]) != list(art.labels):
-        raise BadInput(f"{dataset.path}: labels {dataset.manifest['labels']} differ from the model's {art.labels}")
+    check_labels(art, dataset)
     split = load_split(dataset, rows.split)
     if "input_ids" not in split:
         raise BadInput(f"{dataset.path}: an image dataset; mk explain explains texts")

@@ -659,6 +659,7 @@ def _artifact_row(e: Entry, entries: list[Entry], accuracy: dict, threads: int) 
 
 
 def _accuracy(e: Entry, dataset, split, settings: Settings, warnings: list[str]) -> dict:
+    from mk.core.dataset import label_mismatch
     from mk.core.evaluation import evaluate
 
     none = {"accuracy": None, "macro_f1": None, "eval_rows": None,
@@ -669,9 +670,8 @@ def _accuracy(e: Entry, dataset, split, settings: Settings, warnings: list[str])
     if not labels:
         warnings.append(f"{e.name}: accuracy not measured: the model has no labels (not a classifier)")
         return none
-    if labels != list(dataset.labels):
-        warnings.append(f"{e.name}: accuracy not measured: its labels {labels} differ from "
-                        f"the dataset's {list(dataset.labels)}")
+    if why := label_mismatch(labels, dataset.labels, "the model"):
+        warnings.append(f"{e.name}: accuracy not measured: {why}")
         return none
     try:
         m = evaluate(e.runtime, split, num_labels=len(labels), batch_size=32,

@@ -285,16 +285,15 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
         raise BadInput(f"--batch-sizes {max(batch_sizes)}: over the server's limit of {max_batch} per request")
     split, texts, dataset_path, score = None, None, None, True
     if data is not None:
-        from mk.core.dataset import load_split, open_dataset
+        from mk.core.dataset import label_mismatch, load_split, open_dataset
 
         ds = open_dataset(data)
         split, dataset_path = load_split(ds, "test"), str(ds.path)
         if any(i.get("name") == "text" for i in meta.get("inputs", [])) and "input_ids" in split:
             texts = test_texts(ds, split)
         served = params.get("labels")
-        if served and list(served) != list(ds.labels):
-            log.warning("the served labels %s differ from the dataset's %s: accuracy not measured",
-                        served, list(ds.labels))
+        if served and (why := label_mismatch(served, ds.labels, "the served model")):
+            log.warning("%s: accuracy not measured", why)
             score = False
     path = f"/v2/models/{name}/infer"
     results, warnings = [], []

@@ -11,7 +11,7 @@ import numpy as np
 
 from mk.core.artifact import Artifact, open_artifact
 from mk.core.console import log
-from mk.core.dataset import trim_padding
+from mk.core.dataset import label_mismatch, trim_padding
 from mk.core.errors import BadInput
 from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
 from mk.core.training.task import base_model, evaluating
@@ -37,10 +37,6 @@ def _head(config: dict) -> tuple[bool, list[str]]:
     return has_head, names
 
 
-def _default_names(names: list[str]) -> bool:
-    return all(n == f"LABEL_{i}" for i, n in enumerate(names))
-
-
 def plan_head(model_path: Path, labels: list[str], new_head: bool) -> dict:
     """How to get a head for the dataset's labels: keep the model's, or make one.
 
@@ -49,14 +45,8 @@ def plan_head(model_path: Path, labels: list[str], new_head: bool) -> dict:
     has_head, names = _head(_config(model_path))
     if not has_head or new_head:
         return {"fresh": True, "ignore_mismatched_sizes": has_head}
-    if len(names) != len(labels):
-        raise BadInput(f"{model_path}: its classification head has {len(names)} labels "
-                       f"({', '.join(map(str, names))}), the dataset has {len(labels)} ({', '.join(labels)})",
-                       hint="pass --new-head to replace the trained head with a fresh one of the dataset's size")
-    if not _default_names(names) and list(names) != list(labels):
-        raise BadInput(f"{model_path}: its head's labels ({', '.join(map(str, names))}) differ from the "
-                       f"dataset's ({', '.join(labels)})",
-                       hint="pass --new-head to train a fresh head for the dataset's labels")
+    if why := label_mismatch(names, labels, "its head", unnamed_ok=True):
+        raise BadInput(f"{model_path}: {why}", hint="pass --new-head to train a fresh head for the dataset's labels")
     return {"fresh": False, "ignore_mismatched_sizes": False}
 
 
@@ -68,12 +58,8 @@ def check_teacher(teacher: Artifact, dataset: Artifact, labels: list[str]) -> No
     if not has_head:
         raise BadInput(f"{teacher.path}: the teacher has no classification head",
                        hint="distil from a fine-tuned classifier (the output of `mk tune`)")
-    if len(names) != len(labels) or (not _default_names(names) and list(names) != list(labels)):
-        differ = "in another order than" if sorted(map(str, names)) == sorted(labels) else "differ from"
-        raise BadInput(f"{teacher.path}: the teacher predicts {len(names)} labels ({', '.join(map(str, names))}), "
-                       f"the dataset has {len(labels)} ({', '.join(labels)})" if len(names) != len(labels) else
-                       f"{teacher.path}: the teacher's labels ({', '.join(map(str, names))}) {differ} the "
-                       f"dataset's ({', '.join(labels)})", hint="distil from a teacher tuned on this dataset's labels")
+    if why := label_mismatch(names, labels, "the teacher", unnamed_ok=True):
+        raise BadInput(f"{teacher.path}: {why}", hint="distil from a teacher tuned on this dataset's labels")
     if dataset.task != "image-classification" and has_tokenizer(teacher.path) and has_tokenizer(dataset.path):
         check_same_tokenizer(dataset, teacher.path, "teacher")
 
