@@ -364,6 +364,16 @@ def test_the_input_artifact_is_only_read(tmp_path, onnx_parent, tiny_dataset, me
     assert not list((tmp_path / "q").glob(".source-*"))
 
 
+def test_a_users_folder_where_the_export_would_go_is_never_replaced(tmp_path, tiny_model):
+    """The sibling OUT-onnx holding a user's files: the hint does not offer --force, which refuses it too."""
+    (tmp_path / "q-onnx").mkdir()
+    (tmp_path / "q-onnx" / "notes.txt").write_text("mine")
+    for force in ([], ["--force"]):
+        r = run_mk("quant", str(tiny_model), "-o", str(tmp_path / "q"), "--no-gate", *force)
+        assert r.returncode == 2 and "not an fp32 export" in r.stderr and "does not replace" in r.stderr, r.stderr
+    assert (tmp_path / "q-onnx" / "notes.txt").read_text() == "mine" and not (tmp_path / "q").exists()
+
+
 # --------------------------------------------------------------------------- int8 arithmetic of other CPUs
 
 

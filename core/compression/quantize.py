@@ -39,7 +39,7 @@ import numpy as np
 from mk.core.artifact import Artifact, human_bytes, open_artifact, write_manifest
 from mk.core.console import log, quiet_onnxruntime
 from mk.core.cpu import SATURATING, this_cpu
-from mk.core.outputs import atomic_output, check_output
+from mk.core.outputs import artifact_blocker, atomic_output, check_output
 from mk.core.errors import BadInput, GateFailed
 from mk.core.runtime.adapters import check_whole_model
 from mk.core.tokenizer_match import check_same_tokenizer
@@ -310,9 +310,11 @@ def prepare_onnx_parent(art: Artifact, out: Path, data, force: bool, trust_pickl
         if same:
             log.info("reusing the export %s of %s", sibling, art.path)
             return prev, False
-        if not force:
+        why = artifact_blocker(sibling)
+        if not force or why is not None:
             raise BadInput(f"{sibling}: already exists and is not an fp32 export of {art.path}",
-                           hint="pass --force to export again, or choose another -o")
+                           hint="pass --force to export again, or choose another -o" if why is None else
+                           f"it is {why}, which --force does not replace; choose another -o")
     log.info("exporting %s to ONNX first: %s", art.path, sibling)
     export_onnx(art.path, sibling, data=data, force=True, trust_pickle=trust_pickle,
                 step_of=f"{command}: a safetensors input is exported first (the export-onnx step)")
