@@ -50,12 +50,13 @@ def bench(
     eval_limit: Annotated[Optional[int], typer.Option(
         "--eval-limit", min=0, help="Test rows for accuracy, perplexity and exact match (0 skips them).  "
                                     "[default: all; causal LMs 100]")] = None,
-    concurrency: Annotated[str, typer.Option(
-        "--concurrency", help="HTTP: concurrent clients per level.")] = "1,8,32",
+    concurrency: Annotated[Optional[str], typer.Option(
+        "--concurrency", help="HTTP: concurrent clients per level.  [default: 1,8,32]", show_default=False)] = None,
     model_name: Annotated[Optional[str], typer.Option(
         "--model-name", help="HTTP: the served model's name.  [default: asked of the server]")] = None,
-    wait: Annotated[float, typer.Option(
-        "--wait", min=0, help="HTTP: seconds to wait for the server to answer ready before exit 1.")] = 10.0,
+    wait: Annotated[Optional[float], typer.Option(
+        "--wait", min=0, help="HTTP: seconds to wait for the server to answer ready before exit 1.  [default: 10]",
+        show_default=False)] = None,
     api_key: options.ApiKey = None,
     output: Annotated[Optional[Path], typer.Option(
         "-o", "--output", help="Save results: .csv or .parquet (a row per artifact and shape), .json (all).")
@@ -66,7 +67,7 @@ def bench(
         "--baseline", help="A saved result (-o results.json) to compare with; exit 3 on a regression.")] = None,
     max_regress: Annotated[str, typer.Option(
         "--max-regress", help="Allowed worsening of throughput, p99 and accuracy against --baseline, in percent "
-        "(`5` and `5%` alike; `0.5` is half a percent).")] = "5%",
+        "(`5` and `5%` alike; `0.5` is half a percent).  [default: 5%]", show_default=False)] = None,
     baseline_as: Annotated[Optional[str], typer.Option(
         "--baseline-as", help="Pair artifacts saved under other names: BASELINE_NAME=NAME, comma separated "
                               "(rows are matched by name only).")] = None,
@@ -106,10 +107,13 @@ def bench(
     if iters is not None and duration is not None:
         raise BadInput("--duration and --iters both given; measure by time or by count, not both")
     allowance, base, renames = None, None, {}
+    # an option of a mode not chosen is refused, not silently ignored
+    options.only_with("--url", url, {"--concurrency": concurrency, "--model-name": model_name, "--wait": wait})
+    options.only_with("--baseline", baseline, {"--max-regress": max_regress, "--baseline-as": baseline_as})
     if baseline is not None:
         from mk.core.measurement.bench_gate import load_baseline, parse_allowance, parse_renames
 
-        allowance = parse_allowance(max_regress)
+        allowance = parse_allowance("5%" if max_regress is None else max_regress)
         base = load_baseline(baseline)
         renames = parse_renames(baseline_as)
 
@@ -130,9 +134,11 @@ def bench(
         if len(seqs) > 1:  # only the first was measured
             raise BadInput(f"--seq-lens {seq_lens}: over HTTP, one length per run",
                            hint="run `mk bench --url` once per length")
-        result = http_bench.run(url, parse_ints(concurrency, "--concurrency"), duration, iters,
+        levels = parse_ints("1,8,32" if concurrency is None else concurrency, "--concurrency")
+        result = http_bench.run(url, levels, duration, iters,
                                 parse_ints(batch_sizes if batch_sizes is not None else "1", "--batch-sizes"),
-                                seqs[0], data=data, model=model_name, wait=wait, seed=seed, api_key=api_key)
+                                seqs[0], data=data, model=model_name, wait=10.0 if wait is None else wait, seed=seed,
+                                api_key=api_key)
     else:
         from mk.core.measurement import bench as core_bench
 

@@ -68,11 +68,16 @@ def triton(repo: Optional[Path], **given) -> dict | None:
     any other --triton-* option is refused, as mk refuses an option of a mode not chosen).
     `given`: core key → value, None where the option was not given (core has the defaults)."""
     if repo is None:
-        stray = [TRITON_FLAGS[k] for k, v in given.items() if v is not None]
-        if stray:
-            from mk.core.errors import BadInput
-            raise BadInput(f"{' and '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with --triton-repo",
-                           hint="pass --triton-repo DIR to write a Triton model repository, or drop "
-                                + ("them" if len(stray) > 1 else "it"))
+        only_with("--triton-repo DIR", repo, {TRITON_FLAGS[k]: v for k, v in given.items()})
         return None
     return {"repo": repo, **{k: v for k, v in given.items() if v is not None}}
+
+
+def only_with(flag: str, value, given: dict) -> None:
+    """Options of a mode not chosen (`flag` absent) are refused, never silently ignored.
+    `given`: option → value, None where the option was not given."""
+    stray = [name for name, v in given.items() if v is not None]
+    if value is None and stray:
+        from mk.core.errors import BadInput
+        raise BadInput(f"{' and '.join(stray)} only appl{'y' if len(stray) > 1 else 'ies'} with {flag.split()[0]}",
+                       hint=f"pass {flag}, or drop {'them' if len(stray) > 1 else 'it'}")

@@ -277,7 +277,10 @@ def test_option_values_that_were_silently_replaced_exit_2():
     for args, text in ((["tq", "--batch-sizes", ""], "--batch-sizes '': expected a comma-separated list"),
                        (["--url", "http://127.0.0.1:1", "--seq-lens", "16,128"], "over HTTP, one length per run"),
                        (["--url", "http://127.0.0.1:1", "--seq-lens", "data"], "--seq-lens data: no dataset"),
-                       (["--url", "http://127.0.0.1:1", "--concurrency", ""], "--concurrency '': expected")):
+                       (["--url", "http://127.0.0.1:1", "--concurrency", ""], "--concurrency '': expected"),
+                       # an option of the mode not chosen was ignored
+                       (["tq", "--concurrency", "4", "--wait", "1"], "--concurrency and --wait only apply with --url"),
+                       (["tq", "--max-regress", "abc"], "--max-regress only applies with --baseline")):
         proc = mk_cli("bench", *args, env=ENV)
         assert proc.returncode == 2 and "error: " in proc.stderr and text in proc.stderr, (args, proc.stderr)
 
