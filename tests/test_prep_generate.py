@@ -260,6 +260,9 @@ def test_missing_columns_are_named(tmp_path, llm_tokenizer_dir):
     lonely = write_jsonl(tmp_path / "lonely.jsonl", [{"prompt": p} for p, _ in PAIRS])
     r, out = bad(tmp_path, lonely, "--tokenizer", llm_tokenizer_dir, "--task", "generate")
     one_error_line(r, out, "a 'prompt' column but no 'completion' column")
+    r, out = bad(tmp_path, lonely, "--tokenizer", llm_tokenizer_dir)  # not said to be for generation
+    one_error_line(r, out, "no text column")
+    assert "needs a 'completion' column beside its 'prompt'" in r.stderr
 
 
 def test_messages_not_ending_with_the_answer_name_the_row(tmp_path, llm_tokenizer_dir):

@@ -412,7 +412,8 @@ def detect_columns(table_name: str, columns: list[str], text: str | None = None,
         text = next((have[n] for n in TEXT_NAMES if n in have), None)
         if text is None:
             raise BadInput(f"{table_name}: no text column found among: {', '.join(map(repr, columns))}",
-                           hint="name it with --text-col")
+                           hint="a generation source needs a 'completion' column beside its 'prompt'"
+                           if "prompt" in have else "name it with --text-col")
         detected.append(f"text={text!r}")
         if pair is None:
             partner = PAIR_NAMES.get(text.strip().lower())
