@@ -255,11 +255,13 @@ def test_bad_artifact_exit_2_names_it(arts, tmp_path):
 def test_bad_options_exit_2_before_measuring(arts, tmp_path):
     onnx = str(arts["onnx"])
     (tmp_path / "folder.json").mkdir()
+    (tmp_path / "r.txt").write_text("a file")
     for args, text in ((["--duration", "1", "--iters", "2"], "--duration and --iters"),
                        (["-o", str(tmp_path / "r.txt")], "unknown file type"),
                        # was "unexpected IsADirectoryError", exit 1, after measuring
                        (["-o", str(tmp_path / "folder.json")], "already exists (a folder)"),
-                       (["--plot", str(arts["onnx"] / "model.onnx" / "x.png")], "is a file, not a folder"),
+                       (["--plot", str(tmp_path / "r.txt" / "x.png")], "is a file, not a folder"),
+                       (["--plot", str(arts["onnx"] / "x.png")], "inside the input"),
                        (["--batch-sizes", "0,8"], "--batch-sizes"),
                        (["--seq-lens", "abc"], "--seq-lens"),
                        (["--baseline", str(tmp_path / "none.json")], "--baseline"),
