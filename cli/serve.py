@@ -94,5 +94,5 @@ def serve(
         sys.stdout.write(url + "\n")
         sys.stdout.flush()
 
-    console.print(f"loading {art.path} ({art.format})", highlight=False)
-    run(art, opts, api_key, ready)
+    run(art, opts, api_key, ready,
+        on_loading=lambda: console.print(f"loading {art.path} ({art.format})", highlight=False))

@@ -149,39 +149,53 @@ def _uvicorn_config(app, opts: ServeOptions, factory: bool = False):
                           timeout_keep_alive=30, server_header=False)
 
 
-def run(art: Artifact, opts: ServeOptions, api_key: str | None, on_ready) -> None:
-    """Serve until SIGTERM/SIGINT; `on_ready(url)` once every worker answers."""
+def run(art: Artifact, opts: ServeOptions, api_key: str | None, on_ready, on_loading=lambda: None) -> None:
+    """Serve until SIGTERM/SIGINT; `on_loading()` once a signal would stop the load
+    (exit 130), `on_ready(url)` once every worker answers."""
     import uvicorn
 
     from mk.core.serving.app import create_app
 
     sock = bind(opts.host, opts.port)
     url = url_of(sock)
-    # uvicorn re-raises the signal it stopped for once it is done: these make that a plain exit 0
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    serving = threading.Event()
+
+    def on_signal(signum, frame):
+        # until every worker answers, a signal stops mk serve (exit 130): none is lost while the model
+        # loads; after, uvicorn re-raises the signal it stopped for once it has drained: a plain exit 0
+        if not serving.is_set():
+            raise KeyboardInterrupt
+
+    def ready():
+        serving.set()
+        on_ready(url)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        on_loading()
+        model = load_model(art, opts)
         if opts.workers == 1:
-            model = load_model(art, opts)
-            server = uvicorn.Server(_uvicorn_config(create_app(model, api_key, lambda: on_ready(url)), opts))
+            server = uvicorn.Server(_uvicorn_config(create_app(model, api_key, ready), opts))
             server.run(sockets=[sock])
             log.info("stopped; %d inference requests were accepted and answered", model.accepted)
             return
-        _run_workers(art, opts, api_key, sock, lambda: on_ready(url))
+        # the model loaded here failed once, with a clear line, rather than in every worker, and
+        # timed the runtime's calls alone, where the workers, warming up together, would time them
+        # contended; its sessions are not needed while the workers serve
+        model.batcher.stop()
+        cost = model.batcher.cost
+        del model
+        _run_workers(art, opts, api_key, sock, cost, ready)
     finally:
         sock.close()
         for s, h in previous.items():
             signal.signal(s, h)
 
 
-def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, on_ready) -> None:
+def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, cost: CallCost | None,
+                 on_ready) -> None:
     from uvicorn.supervisors import Multiprocess
 
-    # fails here, once, with a clear line, rather than in every worker; and times the runtime's calls
-    # alone, where the workers, warming up together on the same cores, would time them contended
-    parent = load_model(art, opts)
-    parent.batcher.stop()
-    cost = parent.batcher.cost
-    del parent  # its sessions are not needed while the workers serve
     with tempfile.TemporaryDirectory(prefix="mk-serve-") as tmp:
         ready_dir, metrics_dir = Path(tmp, "ready"), Path(tmp, "metrics")
         ready_dir.mkdir()
