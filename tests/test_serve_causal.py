@@ -99,6 +99,8 @@ def test_greedy_answers_equal_in_process_generate(client, lm, stream):
     assert text == expected.texts[0] and reason == "length"
     ids = lm.text_ids(prompt)  # token ids as the prompt
     assert completion_text(client, False, prompt=ids, max_tokens=9, temperature=0)[0] == expected.texts[0]
+    # a temperature in range but so small that logits divided by it overflow: greedy, not a 500
+    assert completion_text(client, stream, prompt=prompt, max_tokens=9, temperature=1e-40)[0] == expected.texts[0]
 
 
 def test_streams_add_up_to_the_whole_answer(client):

@@ -36,6 +36,7 @@ ERRORS = {s: {"model": o.ErrorResponse} for s in (400, 401, 404, 413, 422, 503, 
 STREAMED = {200: {"description": "The answer; with `stream: true`, server-sent events of chunks, then "
                                  "`data: [DONE]`.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 COMPLETION_DEFAULT_TOKENS = 16     # OpenAI's default for /v1/completions; chat runs to the end of the context
+GREEDY_BELOW = 1e-5  # a temperature under this is 0 (greedy): e^(1/T) between logits 1e-4 apart
 UNKNOWN_CONTEXT_TOKENS = 256       # chat's default when the model's config does not state its context
 
 
@@ -155,6 +156,8 @@ def _sampling(model: GenerationModel, body: o._Sampled, prompt: list[int], limit
                              "context_length_exceeded") from None
     stop = tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if s)
     temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < GREEDY_BELOW:  # logits divided by it overflow to inf, and sampling them is greedy anyway
+        temperature = 0.0
     return Sampling(max_new_tokens=limit, temperature=temperature, top_p=body.top_p or 1.0, seed=body.seed,
                     stop=stop), limit
 
