@@ -103,6 +103,9 @@ def test_health_and_metadata(server):
     assert call(f"{url}/v2/health/live") == (200, {"live": True})
     assert call(f"{url}/v2/health/ready") == (200, {"ready": True})
     assert call(f"{url}/v2/models/{name}/ready") == (200, {"ready": True})
+    for route in ("/v2/health/live", "/v2/health/ready", "/health", f"/v2/models/{name}/ready"):
+        head = httpx.head(url + route)  # load balancers and probes check health by HEAD too (was 405)
+        assert head.status_code == 200 and head.content == b"", route
     status, meta = call(f"{url}/v2/models/{name}")
     assert status == 200 and meta["name"] == name and meta["platform"] == "onnxruntime_onnx"
     assert [i["name"] for i in meta["inputs"]][:3] == ["text", "text_pair", "input_ids"]

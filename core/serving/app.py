@@ -2,7 +2,7 @@
 middleware in front of them for the key, the body limit and the metrics.
 
     GET  /v2                                  server metadata
-    GET  /v2/health/live, /v2/health/ready    liveness, readiness (no key needed)
+    GET  /v2/health/live, /v2/health/ready    liveness, readiness (no key needed; HEAD too, for probes)
     GET  /v2/models/{name}[/versions/1]       model metadata: inputs, outputs, limits
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer KServe v2: BYTES `text` [+ `text_pair`], or
@@ -222,22 +222,25 @@ def _schema_with(app: FastAPI, *models: type[BaseModel]) -> None:
     app.openapi = openapi
 
 
+PROBES = ["GET", "HEAD"]  # load balancers and probes check health with either
+
+
 def _common_routes(app: FastAPI, model: ServedModel) -> None:
     @app.get("/v2", response_model=p.ServerMetadata)
     async def server_metadata():
         return {"name": "mk", "version": __version__, "extensions": [], "models": [model.name]}
 
-    @app.get("/v2/health/live", response_model=p.Live)
-    @app.get("/health", response_model=p.Live)
+    @app.api_route("/v2/health/live", methods=PROBES, response_model=p.Live)
+    @app.api_route("/health", methods=PROBES, response_model=p.Live)
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", response_model=p.Ready)
+    @app.api_route("/v2/health/ready", methods=PROBES, response_model=p.Ready)
     async def ready():
         return {"ready": True}  # the app only answers once the model is loaded
 
-    @app.get("/v2/models/{name}/ready", response_model=p.Ready)
-    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=p.Ready)
+    @app.api_route("/v2/models/{name}/ready", methods=PROBES, response_model=p.Ready)
+    @app.api_route("/v2/models/{name}/versions/{version}/ready", methods=PROBES, response_model=p.Ready)
     async def model_ready(name: str, version: str | None = None):
         model.check_name(name, version)
         return {"ready": True}
