@@ -255,6 +255,27 @@ def test_a_client_that_goes_away_stops_its_generation(llm_server):
     assert 1 <= made < 200
 
 
+def test_a_request_queued_behind_a_long_generation_gets_its_504_at_its_deadline(tiny_llm):
+    """The batcher thread is busy with a generation for as long as it runs: a request queued
+    behind it was answered 504 only once that generation ended (minutes, behind a long one)."""
+    url, proc = start(tiny_llm, "--timeout", "0.2", "--max-batch-size", "1")
+    try:
+        long = {"model": NAME, "prompt": "Hello", "max_tokens": 240, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # started: it runs to its end
+            before = _metric(metrics(url), "mk_batch_size_count")
+            queued = httpx.post(f"{url}/v1/completions", json={**long, "stream": False, "max_tokens": 2},
+                                timeout=60)
+            ended = _metric(metrics(url), "mk_batch_size_count") - before  # generations ended meanwhile
+            rest = [line for line in lines if line]
+        assert queued.status_code == 504 and "deadline" in queued.json()["error"]["message"], queued.text
+        assert ended == 0 and rest[-1] == "data: [DONE]"  # answered while the long one still ran
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+
+
 @pytest.fixture(scope="module")
 def templateless_llm(tmp_path_factory, llm_tokenizer_dir):
     """A causal LM whose tokenizer has no chat template."""

@@ -49,6 +49,7 @@ class Job:
     deadline: float                # time.monotonic() after which it is not started
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(init=False)
+    started: bool = field(default=False, init=False)  # taken by a batcher thread (set under its lock)
 
     def __post_init__(self):
         self.future = self.loop.create_future()
@@ -212,6 +213,8 @@ class Batcher:
                     self.cond.wait(left)
                 self.calls.extend(self._calls(self._take()))
             jobs = self.calls.popleft()
+            for j in jobs:
+                j.started = True
             more = len(self.calls) + bool(self.queue)
             if more:
                 self.cond.notify(more)  # threads that wait may take the other calls

@@ -195,7 +195,11 @@ class GenerationModel(QueuedModel):
         job = GenJob(inputs={"input_ids": np.asarray([prompt], dtype=np.int64)},
                      deadline=time.monotonic() + self.limits.timeout_s, loop=asyncio.get_running_loop(),
                      sampling=sampling, max_new=max_new, stream=stream)
-        return self.enqueue(job, scope)
+        job = self.enqueue(job, scope)
+        # a generation that runs holds the batcher thread: a job queued behind it gets its 504 at its
+        # deadline from here, not when the batcher is free again (minutes later, behind a long one)
+        job.loop.call_later(self.limits.timeout_s, _expire, job)
+        return job
 
     async def answer(self, job: GenJob) -> Answer:
         """The job's result, or the status that says why there is none."""
@@ -206,6 +210,14 @@ class GenerationModel(QueuedModel):
                                 ) from None
         except InferenceFailed as e:
             raise HTTPException(500, str(e)) from None
+
+
+def _expire(job: GenJob) -> None:
+    """On the event loop at the job's deadline: one still queued fails with a 504 (the
+    batcher then drops it); one started runs to its end."""
+    if not job.started and not job.future.done():
+        job.future.set_exception(DeadlineExceeded("the request waited past its deadline"))
+        job.pieces.put_nowait(None)
 
 
 def warm_up(model: GenerationModel) -> None:
