@@ -5,6 +5,9 @@ fuzzing and SIGTERM, and `mk bench --url` load-testing it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import http.server
 
 import json
 import os
@@ -388,6 +391,12 @@ def test_the_key_is_enforced_off_loopback(served_model):
         bench = run_mk("bench", "--url", loop, "--concurrency", "1", "--iters", "3", "--seq-lens", "16",
                        env={**ENV, "MK_API_KEY": KEY})
         assert bench.returncode == 0, bench.stderr
+        for key, text, hint in ((None, "the server wants an API key (HTTP 401)", "pass --api-key KEY"),
+                                ("wrong-key-123", "the server refused the API key given (HTTP 401)", "check --api-key")):
+            bench = mk_cli("bench", "--url", loop, "--iters", "1", *(["--api-key", key] if key else []),
+                           env={**ENV, "MK_API_KEY": None})
+            assert bench.returncode == 2 and f"error: {loop}: {text}" in bench.stderr, bench.stderr
+            assert f"hint: {hint}" in bench.stderr
     finally:
         code, err = stop(p)
     assert code == 0 and KEY not in err
@@ -436,6 +445,52 @@ def test_url_that_does_not_answer_exits_1_quickly():
     assert proc.returncode == 1
     assert time.monotonic() - t0 < 20
     assert f"error: http://127.0.0.1:{port}: no answer after 1 s (connection refused)" in proc.stderr
+
+
+def test_a_malformed_url_exits_2():
+    proc = mk_cli("bench", "--url", "http://[::1", "--duration", "1", env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --url http://[::1: not a valid URL (" in proc.stderr and "unexpected" not in proc.stderr
+
+
+@contextlib.contextmanager
+def other_http_server(handler, tmp_path):
+    """A plain stdlib HTTP server (as `python3 -m http.server`) on a free loopback port: its URL."""
+    class Quiet(handler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class NotReady(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.send_error(503)
+
+
+def test_a_server_that_answers_but_not_in_v2_exits_2_at_once(server, tmp_path):
+    with other_http_server(http.server.SimpleHTTPRequestHandler, tmp_path) as other:
+        t0 = time.monotonic()
+        proc = mk_cli("bench", "--url", other, "--wait", "60", "--duration", "1", env=ENV)
+        assert proc.returncode == 2 and time.monotonic() - t0 < 20, proc.stderr
+        assert (f"error: {other}: does not speak the KServe v2 protocol (HTTP 404 on /v2/health/ready); "
+                "pass the server's base URL (http://host:port)") in proc.stderr
+    # the model's own path after the server's URL: the base URL is named
+    with_path = f"{server['url']}/v2/models/{server['name']}"
+    proc = mk_cli("bench", "--url", with_path, "--wait", "60", "--duration", "1", env=ENV)
+    assert proc.returncode == 2 and f"pass the server's base URL ({server['url']})" in proc.stderr, proc.stderr
+    # a server not ready yet (503) is waited for, as is one not listening
+    with other_http_server(NotReady, tmp_path) as other:
+        proc = mk_cli("bench", "--url", other, "--wait", "1", "--duration", "1", env=ENV)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: {other}: no answer after 1 s (not ready (HTTP 503 from /v2/health/ready))" in proc.stderr
 
 
 def test_serve_bad_model_exit_2(tmp_path):

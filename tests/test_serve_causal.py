@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import make_tiny_llm
+from conftest import make_tiny_llm, mk_cli
 from test_serve import _metric, call, start, stop
 
 KEY = "s3cret-key-for-tests"
@@ -208,6 +208,18 @@ def test_the_key_is_enforced(llm_server):
     assert e.value.body["type"] == "authentication_error"
     assert httpx.get(f"{url}/v1/models").status_code == 401
     assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_bench_url_says_a_text_generation_server_is_not_its_kind(llm_server):
+    url = llm_server["url"]
+    proc = mk_cli("bench", "--url", url, "--api-key", KEY, "--iters", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert (f"error: {url}: {NAME!r} is a text-generation model (served on the OpenAI-compatible /v1 routes); "
+            "mk bench --url load-tests a classifier's KServe v2 routes") in proc.stderr
+    assert "--model-name" not in proc.stderr
+    # a name the server does not serve at all is still that
+    proc = mk_cli("bench", "--url", url, "--api-key", KEY, "--iters", "1", "--model-name", "other")
+    assert proc.returncode == 2 and "no model 'other' there (HTTP 404)" in proc.stderr, proc.stderr
 
 
 def test_concurrent_requests_are_batched_and_routed_to_each_their_own(client, lm, llm_server):

@@ -30,7 +30,10 @@ FALLBACK_VOCAB = 1000     # ids drawn below this when the server does not state 
 
 
 def base_url(url: str) -> str:
-    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+    except ValueError as e:  # an unclosed IPv6 bracket, say
+        raise BadInput(f"--url {url}: not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https"):
         raise BadInput(f"--url {url}: only http:// and https:// are supported")
     if not parts.hostname:
@@ -66,7 +69,7 @@ def _reason(e: BaseException) -> str:
 
 
 def wait_ready(url: str, wait: float, api_key: str | None) -> None:
-    """Poll /v2/health/ready until 200, for at most `wait` seconds; exit 1 after."""
+    """Poll /v2/health/ready until 200, for at most `wait` seconds; exit 1 after, exit 2 at once on a 404."""
     import httpx
 
     deadline = time.monotonic() + wait
@@ -78,6 +81,11 @@ def wait_ready(url: str, wait: float, api_key: str | None) -> None:
                 status = c.get("/v2/health/ready").status_code
                 if status == 200:
                     return
+                if status == 404:  # an answer, from something that is not a v2 server (or a path too many)
+                    parts = urlsplit(url)
+                    base = f"{parts.scheme}://{parts.netloc}" if parts.path else "http://host:port"
+                    raise BadInput(f"{url}: does not speak the KServe v2 protocol (HTTP 404 on "
+                                   f"/v2/health/ready); pass the server's base URL ({base})")
                 last = f"not ready (HTTP {status} from /v2/health/ready)"
             except httpx.HTTPError as e:
                 last = _reason(e)
@@ -96,6 +104,15 @@ def _get_json(c, path: str) -> tuple[int, dict | None]:
         return r.status_code, None
 
 
+def _generates(c, name: str) -> bool:
+    """Whether the server lists `name` among its OpenAI-style models (GET /v1/models): a
+    text-generation model, which `mk serve` lists in /v2 too but describes on /v1 only.
+    Asked of the protocol rather than read from the 404's wording, which servers phrase freely."""
+    status, listing = _get_json(c, "/v1/models")
+    data = listing.get("data") if status == 200 and isinstance(listing, dict) else None
+    return isinstance(data, list) and any(isinstance(m, dict) and m.get("id") == name for m in data)
+
+
 def discover_model(url: str, name: str | None, timeout: float, api_key: str | None) -> tuple[str, dict]:
     """The model's name (given, else from GET /v2 `models` or Triton's repository
     index) and its v2 metadata."""
@@ -104,6 +121,9 @@ def discover_model(url: str, name: str | None, timeout: float, api_key: str | No
     with client(url, timeout, api_key) as c:
         try:
             status, meta = _get_json(c, "/v2")
+            if status == 401 and api_key:
+                raise BadInput(f"{url}: the server refused the API key given (HTTP 401)",
+                               hint="check --api-key or MK_API_KEY (the flag wins)")
             if status == 401:
                 raise BadInput(f"{url}: the server wants an API key (HTTP 401)",
                                hint="pass --api-key KEY or set MK_API_KEY")
@@ -122,6 +142,10 @@ def discover_model(url: str, name: str | None, timeout: float, api_key: str | No
                     log.info("the server serves %s; measuring %s (--model-name chooses)", ", ".join(models), models[0])
                 name = models[0]
             status, meta = _get_json(c, f"/v2/models/{name}")
+            if status == 404 and _generates(c, name):
+                raise BadInput(f"{url}: {name!r} is a text-generation model (served on the OpenAI-compatible "
+                               "/v1 routes); mk bench --url load-tests a classifier's KServe v2 routes",
+                               hint="measure it in-process with `mk bench MODEL`")
         except httpx.HTTPError as e:
             raise MkError(f"{url}: {_reason(e)} while reading the model's metadata") from None
     if status != 200 or not isinstance(meta, dict):
