@@ -504,6 +504,13 @@ def test_serve_host_that_is_not_ours_exit_2(served_model):
         proc.stderr
 
 
+def test_a_model_name_that_would_not_be_found_is_refused(served_model):
+    """`a/b` was served as `a_b`, and '' as the folder's name: a client configured with it got 404s."""
+    for name in ("a/b", "", ".."):
+        proc = mk_cli("serve", str(served_model), "--port", "0", "--model-name", name, env=ENV)
+        assert proc.returncode == 2 and f"error: --model-name {name!r}" in proc.stderr, proc.stderr
+
+
 def test_a_model_without_classification_head_is_not_served(minilm_dir):
     proc = mk_cli("serve", str(minilm_dir), "--port", "0", env=ENV)
     assert proc.returncode == 2 and "feature-extraction model has no classification head" in proc.stderr, \
@@ -584,3 +591,20 @@ def test_workers_each_answer_and_metrics_sum_over_them(served_model):
     finally:
         code, err = stop(proc)
     assert code == 0, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with their parent through prctl")
+def test_workers_end_when_their_parent_is_killed(served_model):
+    """kill -9 (or the OOM killer) on the parent: its workers kept serving and held the port."""
+    import psutil
+
+    url, proc = start(served_model, "--workers", "2")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in
+               " ".join(p.cmdline())]
+    assert len(workers) >= 2
+    proc.kill()
+    proc.communicate(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/v2/health/ready", timeout=5)

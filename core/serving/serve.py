@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -42,7 +43,14 @@ class ServeOptions:
 
 
 def model_name(given: str | None, ref) -> str:
-    name = given or Path(str(ref)).name or "model"
+    """--model-name as given (refused unless it fits in a URL path as is: a client configured with
+    it must find it), else the artifact folder's name made to fit."""
+    if given is not None:
+        if not _NAME.match(given) or set(given) == {"."}:
+            raise BadInput(f"--model-name {given!r}: letters, digits, '_', '.' and '-' only "
+                           "(it is a part of the routes' paths)")
+        return given
+    name = Path(str(ref)).name or "model"
     return name if _NAME.match(name) else re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
 
@@ -201,7 +209,7 @@ def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, c
         ready_dir.mkdir()
         metrics_dir.mkdir()
         env = {_WORKER_ENV: json.dumps({"path": str(art.path), "ready_dir": str(ready_dir), "options": asdict(opts),
-                                        "cost": asdict(cost) if cost else None}),
+                                        "cost": asdict(cost) if cost else None, "parent": os.getpid()}),
                "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         if api_key:
             env["MK_API_KEY"] = api_key
@@ -217,12 +225,27 @@ def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, c
         Multiprocess(config, sockets=[sock]).run()
 
 
+def _end_with_parent(parent: int) -> None:
+    """A worker is sent SIGTERM (it drains, then exits) when the process that started it
+    dies, killed with -9 or by the OOM killer, rather than serving on and holding the port.
+    Linux's prctl(PR_SET_PDEATHSIG); elsewhere the supervisor's own shutdown is all there is."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_app():
     """The app of one `--workers` process: its own model and batcher."""
     from mk.core.artifact import open_artifact
     from mk.core.serving.app import create_app
 
     spec = json.loads(os.environ[_WORKER_ENV])
+    _end_with_parent(spec["parent"])
     options = spec["options"]
     opts = ServeOptions(**{**options, "limits": Limits(**options["limits"])})
     model = load_model(open_artifact(spec["path"], kind="model"), opts,
