@@ -432,8 +432,12 @@ def test_an_empty_or_all_duplicate_val_test_file_is_not_silently_replaced(tmp_pa
 
 def test_output_under_a_file_is_bad_usage(tmp_path, rows, minilm_dir):
     src = write_table(tmp_path / "d.csv", rows)
-    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(src / "out")])
+    (tmp_path / "notes.txt").write_text("a file")
+    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir),
+                            "-o", str(tmp_path / "notes.txt" / "out")])
     assert r.exit_code == 2 and "parent is a file" in r.stderr and "unexpected" not in r.stderr, r.stderr
+    r = runner.invoke(app, ["-q", "prep", str(src), "--tokenizer", str(minilm_dir), "-o", str(src / "out")])
+    assert r.exit_code == 2 and "inside the input" in r.stderr, r.stderr
 
 
 def test_negative_seed_is_bad_usage(tmp_path, rows, minilm_dir):

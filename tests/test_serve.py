@@ -555,7 +555,7 @@ def test_a_worker_takes_the_cost_of_a_call_its_parent_measured(served_model, mon
     monkeypatch.setattr(app, "create_app", lambda model, *args: served.append(model))
     monkeypatch.setenv(serve._WORKER_ENV, json.dumps({
         "path": str(served_model), "ready_dir": str(tmp_path), "cost": {"fixed_s": 0.5, "per_token_s": 0.0},
-        "options": asdict(serve.ServeOptions(name="tiny-onnx", threads=1))}))
+        "options": asdict(serve.ServeOptions(name="tiny-onnx", threads=1)), "parent": os.getppid()}))
     serve.worker_app()
     served[0].batcher.stop()
     assert served[0].batcher.cost == CallCost(0.5, 0.0)
