@@ -58,12 +58,13 @@ def export_onnx(model_dir: Path, out: Path, dataset: Path | None = None) -> Path
 
 @pytest.fixture(scope="module")
 def arts(tmp_path_factory, tiny_model, tiny_dataset, minilm_dir):
-    """fp32 (torch) → onnx (its export) and → slow (a deeper torch model claiming
-    fp32 as its parent: a variant that is certainly no faster)."""
+    """fp32 (torch) → onnx (its export) and → slow (a deeper and wider torch model
+    claiming fp32 as its parent: a variant that is certainly no faster, by ~100x the
+    work per call; 8 layers of the same width came out faster in one loaded CI run)."""
     root = tmp_path_factory.mktemp("bench")
     fp32 = model_artifact(tiny_model, root / "fp32", dataset=tiny_dataset)
     onnx = export_onnx(fp32, root / "onnx", dataset=tiny_dataset)
-    deep = make_tiny_model(root / "deep-src", minilm_dir, layers=8, seed=1)
+    deep = make_tiny_model(root / "deep-src", minilm_dir, layers=8, hidden=256, seed=1)
     slow = model_artifact(deep, root / "slow", dataset=tiny_dataset, parent=fp32)
     return {"root": root, "fp32": fp32, "onnx": onnx, "slow": slow, "data": tiny_dataset}
 
