@@ -166,9 +166,20 @@ def check_apart(out: Path, inputs, flag: str = "-o") -> None:
         if target.is_relative_to(source):
             raise BadInput(f"{flag} {out}: inside the input {ref}", hint=f"choose another {flag}, outside it")
     for folder in target.parents:
-        if (folder / MANIFEST).is_file():
+        if _is_artifact(folder):
             raise BadInput(f"{flag} {out}: inside the mk artifact {folder} (its mk.json lists every file it holds)",
                            hint=f"choose another {flag}, outside it")
+
+
+def _is_artifact(folder: Path) -> bool:
+    """A folder with a valid mk manifest (an `mk.json` of another tool's is not one)."""
+    if not (folder / MANIFEST).is_file():
+        return False
+    try:
+        read_manifest(folder)
+    except BadInput:
+        return False
+    return True
 
 
 def check_output(out: Path, force: bool, inputs=(), blocker: Blocker = artifact_blocker, flag: str = "-o") -> Path:

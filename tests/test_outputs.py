@@ -274,6 +274,10 @@ def test_an_output_inside_an_input_or_any_mk_artifact_is_refused(tmp_path):
     with pytest.raises(BadInput, match="would overwrite the input"):  # and the converse, even with --force
         check_output(tmp_path, force=True, inputs=[d2])
     assert check_output(tmp_path / "beside", force=False, inputs=[d2, data]) == tmp_path / "beside"
+    other = tmp_path / "project"  # another tool's mk.json does not make its folder an artifact
+    other.mkdir()
+    (other / "mk.json").write_text('{"tasks": []}')
+    assert check_output(other / "out", force=False) == other / "out"
 
 
 def test_commands_refuse_an_output_inside_their_input_before_any_work(tmp_path, tiny_model, tweets_rows,

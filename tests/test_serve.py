@@ -458,7 +458,7 @@ def other_http_server(handler, tmp_path):
     """A plain stdlib HTTP server (as `python3 -m http.server`) on a free loopback port: its URL."""
     class Quiet(handler):
         def log_message(self, *args):
-            pass
+            """No access log on the test's stderr."""
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -33,8 +33,8 @@ from mk.core.errors import BadInput, GateFailed, MkError, first_line, library_er
 from mk.core.outputs import atomic_output, check_output
 from mk.core.compression.onnx_io import (EXTERNAL_DATA_NAME, check_inputs, copy_tokenizer_files, load_onnx,
                                          model_inputs, onnx_bytes, opset_of, optimize_transformer, save_onnx, to_fp16)
-from mk.core.tokenizer_match import check_same_tokenizer
 from mk.core.runtime.adapters import check_whole_model
+from mk.core.tokenizer_match import check_same_tokenizer
 
 MIN_OPSET = 17
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

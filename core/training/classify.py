@@ -13,9 +13,9 @@ from mk.core.artifact import Artifact, open_artifact
 from mk.core.console import log
 from mk.core.dataset import label_mismatch, trim_padding
 from mk.core.errors import BadInput
+from mk.core.runtime.adapters import check_whole_model
 from mk.core.tokenizer_match import check_same_tokenizer, has_tokenizer
 from mk.core.training.task import base_model, evaluating
-from mk.core.runtime.adapters import check_whole_model
 
 
 

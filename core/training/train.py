@@ -48,11 +48,11 @@ from mk.core.outputs import atomic_output, check_output
 from mk.core.console import log, progress
 from mk.core.dataset import load_split, num_rows, open_dataset
 from mk.core.errors import INTERRUPTED, BadInput, MkError
+from mk.core.runtime.adapters import check_whole_model
 from mk.core.training.checkpoint import Checkpointer, TrainState, load_trained_state, trained_state
 from mk.core.training.distributed import Dist, check_ranks_agree
 from mk.core.training.task import Task, base_model, is_better
 from mk.core.training.train_log import LOG_NAME, TrainLog
-from mk.core.runtime.adapters import check_whole_model
 
 # Options that must match for --resume to continue the same run.
 RUN_KEYS = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup", "schedule",
