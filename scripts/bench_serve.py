@@ -12,6 +12,8 @@ On the same texts (the test split's, as `mk bench --url --data` sends them):
                     behind the same FastAPI/uvicorn stack (what a user writes first)
     previous        the http.server KServe server mk had before (`--previous FILE`: its
                     core/serving/serve.py; token ids only, so it gets the same rows as ids)
+    mk serve@REV    `mk serve` as of a git revision (`--revision REV`, repeatable): an A/B of
+                    two versions of the server measured side by side on the same machine state
 
 Servers run side by side (idle when not measured); every round measures all of
 them at every level in turn (interleaved), and the table shows medians over the
@@ -29,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +45,8 @@ def parse():
     p.add_argument("--naive-model", help="the fp32 safetensors model the naive server runs")
     p.add_argument("--data", help="dataset artifact whose test texts are sent")
     p.add_argument("--previous", help="the previous core/serving/serve.py (e.g. from `git show main:...`)")
+    p.add_argument("--revision", action="append", default=[],
+                   help="also serve `mk serve` as of this git revision (git archive), measured alongside")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--duration", type=float, default=6.0, help="seconds per level and round")
     p.add_argument("--rounds", type=int, default=3)
@@ -114,8 +119,19 @@ def serve_previous(spec: str) -> None:
     thread.join()
 
 
-def launch(cmd: list[str]) -> tuple[str, subprocess.Popen]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def revision_path(rev: str, root: str) -> str:
+    """The repository at `rev` (git archive) as an importable `mk`, for PYTHONPATH."""
+    tree = Path(root, rev, "mk")
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(HERE.parents[1]), "archive", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return str(tree.parent)
+
+
+def launch(cmd: list[str], env: dict | None = None) -> tuple[str, subprocess.Popen]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=None if env is None else {**os.environ, **env})
     line: list[str] = []
     t = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     t.start()
@@ -202,6 +218,11 @@ def main() -> None:
         servers["naive"] = launch([sys.executable, str(HERE), "--serve-naive", args.naive_model])
     if args.previous:
         servers["previous"] = launch([sys.executable, str(HERE), "--serve-previous", f"{args.previous}::{args.model}"])
+    trees = tempfile.TemporaryDirectory(prefix="mk-revisions-")
+    cli = "import sys; from mk.cli.main import main; sys.argv[0] = 'mk'; sys.exit(main())"
+    for rev in args.revision:  # that revision's code first on the path, before this checkout's
+        servers[f"mk serve@{rev}"] = launch([sys.executable, "-c", cli, "serve", args.model, "--port", "0"],
+                                            env={"PYTHONPATH": revision_path(rev, trees.name)})
     print(f"CPU: {cpu()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     runs: dict = {}
     try:
@@ -215,6 +236,7 @@ def main() -> None:
         for _, proc in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
+        trees.cleanup()
     report(args, runs, levels, servers, tokenization_ms(args.model, args.data))
 
 
