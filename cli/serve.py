@@ -72,6 +72,7 @@ def serve(
 
     ref = read_input(model, "model")
     check_device(device)
+    host = auth.bare_host(host)
     auth.check_key(api_key)
     auth.check_exposure(host, api_key, insecure)
     art = open_artifact(ref, kind="model", trust_pickle=trust_pickle)

@@ -16,8 +16,8 @@ On the same texts (the test split's, as `mk bench --url --data` sends them):
                     two versions of the server measured side by side on the same machine state
 
 Servers run side by side (idle when not measured); every round measures all of
-them at every level in turn (interleaved), and the table shows medians over the
-rounds. Each server row also gives the CPU time per request of the server process
+them at every level in turn (interleaved, each round starting from the next
+server), and the table shows medians over the rounds. Each server row also gives the CPU time per request of the server process
 and of the client (this process, where `mk bench --url` runs). Targets at
 concurrency 32: >= 85 % of the best in-process throughput and >= 3x the naive
 server; p99 at concurrency 1 within 3 ms of in-process batch-1 p99 plus tokenization.
@@ -226,9 +226,11 @@ def main() -> None:
     print(f"CPU: {cpu()}; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     runs: dict = {}
     try:
+        order = list(servers.items())
         for r in range(args.rounds):
             runs.setdefault("in-process", []).append(in_process(args.model, args.data))
-            for name, (url, proc) in servers.items():
+            # each round starts from the next server: none is always the one measured right after in-process
+            for name, (url, proc) in order[r % len(order):] + order[:r % len(order)]:
                 for c in levels:
                     runs.setdefault((name, c), []).append(over_http(url, proc, args.data, c, args.duration))
             print(f"round {r + 1}/{args.rounds} done; load average {os.getloadavg()[0]:.1f}", file=sys.stderr)

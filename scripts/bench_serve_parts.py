@@ -8,10 +8,11 @@
    measures at start-up (`CallCost`, the server's own warm-up), and one call per
    text. Texts/s, medians over rounds, interleaved, and the padded tokens each
    way runs against the texts' real tokens.
-2. ONNX Runtime's threads between calls, for a short (16-token) call with 2 ms
-   between calls, as a server sees them: spinning throughout (`mk bench`), spinning
-   within a call only (`mk serve`: session.force_spinning_stop), never spinning.
-   Latency p50/p99 and CPU per call.
+2. ONNX Runtime's threads between calls, for a short (16-token) call back to back
+   and with 2 ms between calls, as a server sees them: spinning throughout (`mk
+   bench`), spinning within a call only (`mk serve`: session.force_spinning_stop),
+   never spinning, and one thread (no pool to wake: what idle cores cost by
+   themselves). Latency p50/p99 and CPU per call.
 3. Calls side by side: random batches of 1, 8 and 32 test texts, each padded to
    its longest, run one at a time on every thread (a call alone) and on as many
    threads at once, one thread each (the batcher under load). Texts/s.
@@ -82,14 +83,18 @@ def spinning(a) -> None:
         never.intra_op_num_threads = a.threads
     sessions = {"spinning throughout (bench)": open_session(path, "cpu", a.threads, spin=True),
                 "within a call (serve)": open_session(path, "cpu", a.threads, spin=False),
-                "never": ort.InferenceSession(str(path), never, providers=["CPUExecutionProvider"])}
+                "never": ort.InferenceSession(str(path), never, providers=["CPUExecutionProvider"]),
+                "one thread, no pool": open_session(path, "cpu", 1, spin=False)}
     feed = {"input_ids": np.array([[101] + list(range(2000, 2014)) + [102]]), "attention_mask": np.ones((1, 16), np.int64),
             "token_type_ids": np.zeros((1, 16), np.int64)}
-    print(f"2. a 16-token call, 2 ms between calls; {a.rounds} interleaved rounds of 100 calls")
+    gaps = (0.0, 0.002)  # back to back, and with the cores idle between calls as at concurrency 1
+    print(f"2. a 16-token call, back to back and 2 ms between calls; {a.rounds} interleaved rounds of 100 calls")
     inputs = {name: {i.name: feed[i.name] for i in s.get_inputs()} for name, s in sessions.items()}
-    lat, cpu = {name: [] for name in sessions}, {name: [] for name in sessions}
+    lat = {(name, g): [] for name in sessions for g in gaps}
+    cpu = {key: [] for key in lat}
     for _ in range(a.rounds):
-        for name, s in sessions.items():
+        for (name, gap) in lat:
+            s = sessions[name]
             time.sleep(0.2)  # the previous session's threads stop spinning
             for _ in range(10):
                 s.run(None, inputs[name])
@@ -97,13 +102,14 @@ def spinning(a) -> None:
             for _ in range(100):
                 t0 = time.perf_counter()
                 s.run(None, inputs[name])
-                lat[name].append(time.perf_counter() - t0)
-                time.sleep(0.002)
-            cpu[name].append((time.process_time() - c0) / 100)
-    for name in sessions:
-        ms = sorted(lat[name])
-        print(f"   {name:28} p50 {statistics.median(ms) * 1e3:5.2f} ms  p99 {ms[int(len(ms) * 0.99)] * 1e3:5.2f} ms"
-              f"  CPU {statistics.median(cpu[name]) * 1e3:5.2f} ms a call (the sleeps' share included)")
+                lat[name, gap].append(time.perf_counter() - t0)
+                if gap:
+                    time.sleep(gap)
+            cpu[name, gap].append((time.process_time() - c0) / 100)
+    for (name, gap), values in lat.items():
+        ms = sorted(values)
+        print(f"   {name:28} {'2 ms apart' if gap else 'back to back':13} p50 {statistics.median(ms) * 1e3:5.2f} ms  "
+              f"p99 {ms[int(len(ms) * 0.99)] * 1e3:5.2f} ms  CPU {statistics.median(cpu[name, gap]) * 1e3:5.2f} ms a call")
 
 
 def side_by_side(a, model, texts) -> None:

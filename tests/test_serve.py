@@ -187,6 +187,27 @@ def test_token_ids_are_classified_as_in_process(server, datatype):
     assert status == 200 and [o["name"] for o in out["outputs"]] == ["label"]
 
 
+def test_nested_data_is_taken_as_the_protocol_allows(server):
+    """The Open Inference Protocol allows a tensor's data flat or nested as its shape is;
+    nested data was a 422. Nested rows that are not the shape are refused, never guessed."""
+    url, name = server["url"], server["name"]
+    infer = f"{url}/v2/models/{name}/infer"
+    ids = [[101, 7592, 2088, 102], [101, 2054, 1037, 102]]
+    flat = call(infer, "POST", {"inputs": [tensor("input_ids", ids)]})
+    nested = call(infer, "POST", {"inputs": [{**tensor("input_ids", ids), "data": ids}]})
+    assert flat[0] == nested[0] == 200 and outputs_of(nested[1])["logits"] == outputs_of(flat[1])["logits"]
+    texts = {"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["good movie"], ["bad film"]]}
+    status, out = call(infer, "POST", {"inputs": [texts]})
+    assert status == 200 and outputs_of(out)["label"]["data"] == \
+        outputs_of(call(infer, "POST", {"inputs": [texts_tensor("text", ["good movie", "bad film"])]})[1])["label"]["data"]
+    for data, shape in (([[101, 102], [101]], [2, 2]),            # ragged rows
+                        ([[101], [102], [103]], [1, 3]),          # the right count, not the shape
+                        ([[101, 102]], [2])):                     # nested for a shape of one dimension
+        status, out = call(infer, "POST", {"inputs": [{"name": "input_ids", "shape": shape, "datatype": "INT64",
+                                                       "data": data}]})
+        assert status == 422 and "inputs.0: Value error, nested data" in out["error"], (data, out)
+
+
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     url, name = server["url"], server["name"]
     infer = f"{url}/v2/models/{name}/infer"
@@ -204,6 +225,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         ({"inputs": [tensor("input_ids", [[101, -5, 102]])]}, 400, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("token_type_ids", [[0, 7]])]}, 400, "token_type_ids"),
         ({"inputs": [tensor("input_ids", [[101, 1.7, 102]])]}, 422, "data"),
+        # a value its datatype cannot hold was taken as an id (300 as UINT8)
+        ({"inputs": [tensor("input_ids", [[101, 300, 102]], "UINT8")]}, 400, "out of the UINT8 range 0..255"),
+        ({"inputs": [tensor("input_ids", [[101, -1, 102]], "UINT16")]}, 400, "out of the UINT16 range"),
         ({"inputs": [tensor("input_ids", [[True, False]])]}, 422, "data"),
         ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("input_ids", [[101]])]}, 400, "given twice"),
         ({"inputs": [{"name": "input_ids", "shape": [True, 2], "datatype": "INT64", "data": [1, 2]}]}, 422, "shape"),
@@ -496,6 +520,23 @@ def test_a_server_that_answers_but_not_in_v2_exits_2_at_once(server, tmp_path):
 def test_serve_bad_model_exit_2(tmp_path):
     proc = mk_cli("serve", str(tmp_path / "nothing"), "--port", "0", env=ENV)
     assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+
+
+def test_an_ipv6_host_as_urls_write_it_is_that_address(served_model):
+    """`--host [::1]` (the bracketed form URLs use) was refused as reachable from the network."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    url, proc = start(served_model, "--host", "[::1]")
+    try:
+        assert url.startswith("http://[::1]:") and call(f"{url}/v2/health/ready")[0] == 200
+    finally:
+        code, err = stop(proc)
+    assert code == 0 and "reachable from the network" not in err
 
 
 def test_serve_host_that_is_not_ours_exit_2(served_model):

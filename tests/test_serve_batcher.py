@@ -215,3 +215,50 @@ def test_the_calls_of_a_cut_batch_start_together_on_idle_threads(runtime):
             b.stop()
     asyncio.run(scenario())
     assert len(starts) == 3 and max(starts) - min(starts) < 0.1, [s - starts[0] for s in starts]
+
+
+def test_a_lone_clients_short_call_runs_where_it_was_read(runtime, monkeypatch):
+    """At concurrency 1 a short call runs on the event loop's thread (no hand-off to a batcher
+    thread and back); a second client, a long call or work already queued goes to the batcher."""
+    from mk.core.serving import batcher
+
+    monkeypatch.setattr(batcher, "ALONE_S", 1.0)  # wide enough for a loaded machine's calls below
+    threads: list[str] = []
+
+    def recorded(batch):
+        threads.append(threading.current_thread().name)
+        return runtime(batch)
+
+    async def scenario():
+        b = Batcher(recorded, 0, max_batch_size=8, max_wait_ms=0, max_queue=100, metrics=Metrics("m", {}))
+        b.cost = CallCost(0.001, 0.0001)  # 1 ms + 0.1 ms a token: a row of 9 is short, 8 of 100 are not
+        loop, here = asyncio.get_running_loop(), threading.current_thread().name
+
+        async def answer(job, client=("127.0.0.1", 5000)):
+            b.heard_from(client)
+            b.submit(job)
+            assert np.allclose(await asyncio.wait_for(job.future, 30), runtime(job.inputs), atol=1e-5)
+            return threads[-1]
+        try:
+            assert await answer(Job(rows(1, 9), float("inf"), loop)) == here  # nothing heard before: alone
+            assert await answer(Job(rows(1, 9), float("inf"), loop)) == here
+            assert await answer(Job(rows(8, 100), float("inf"), loop)) != here  # 81 ms: a batcher thread's
+            assert await answer(Job(rows(1, 9), float("inf"), loop), ("127.0.0.1", 5001)) != here  # another client
+            assert await answer(Job(rows(1, 9), float("inf"), loop)) != here  # ...heard from under ALONE_S ago
+            await asyncio.sleep(1.05)
+            assert await answer(Job(rows(1, 9), float("inf"), loop)) == here  # alone again
+            b.arriving = 1  # a request still being read: it may join a batch
+            assert await answer(Job(rows(1, 9), float("inf"), loop)) != here
+            b.arriving = 0
+        finally:
+            b.stop()
+        unheard = Batcher(recorded, 0, max_batch_size=8, max_wait_ms=0, max_queue=100, metrics=Metrics("m", {}))
+        unheard.cost = b.cost
+        try:  # a server that does not say where requests come from never runs one on its loop
+            job = Job(rows(1, 9), float("inf"), loop)
+            unheard.submit(job)
+            await asyncio.wait_for(job.future, 30)
+            assert threads[-1] != here
+        finally:
+            unheard.stop()
+    asyncio.run(scenario())

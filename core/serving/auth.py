@@ -13,6 +13,11 @@ from mk.core.errors import BadInput
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/health", "/metrics"})
 
 
+def bare_host(host: str) -> str:
+    """An address as given to `--host`: `[::1]`, as URLs write IPv6, is the address `::1`."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 and `localhost`: reachable from this machine only."""
     try:

@@ -182,6 +182,9 @@ class ServedModel(QueuedModel):
                 batch[t.name] = np.asarray(t.data, dtype=np.int64).reshape(t.shape)
             except OverflowError:
                 raise _bad(f"input {t.name}: values out of the INT64 range") from None
+            kind = np.iinfo(t.datatype.lower())  # a value its datatype cannot hold is a client's mistake
+            if batch[t.name].min() < kind.min or batch[t.name].max() > kind.max:
+                raise _bad(f"input {t.name}: values out of the {t.datatype} range {kind.min}..{kind.max}")
         if "input_ids" not in batch:
             raise _bad("input `input_ids` is required (or send text)")
         shape = batch["input_ids"].shape

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 INT_TYPES = ("INT64", "INT32", "INT16", "INT8", "UINT8", "UINT16", "UINT32")
 TEXT_INPUTS = ("text", "text_pair")
@@ -22,9 +22,21 @@ class InputTensor(BaseModel):
     name: StrictStr
     shape: list[StrictInt] = Field(max_length=2)
     datatype: Literal["BYTES", "INT64", "INT32", "INT16", "INT8", "UINT8", "UINT16", "UINT32"]
-    # flat, row-major: strings for BYTES, whole numbers for the INT types
-    data: Union[list[StrictStr], list[StrictInt]]
+    # strings for BYTES, whole numbers for the INT types; flat in row-major order, or nested as the shape
+    # is (the protocol allows both: tritonclient sends flat data, many hand-written clients nested rows)
+    data: Union[list[StrictStr], list[StrictInt], list[list[StrictStr]], list[list[StrictInt]]]
     parameters: Optional[Parameters] = None
+
+    @model_validator(mode="after")
+    def _flattened(self):
+        """Nested data as flat data, once its rows are seen to be the shape's."""
+        if self.data and isinstance(self.data[0], list):
+            rows = [len(row) for row in self.data]
+            if len(self.shape) != 2 or [len(rows), *set(rows)] != self.shape:
+                raise ValueError(f"nested data of {len(rows)} rows of {sorted(set(rows))} values "
+                                 f"is not shape {self.shape}")
+            self.data = [x for row in self.data for x in row]
+        return self
 
 
 class RequestedOutput(BaseModel):
