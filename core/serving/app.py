@@ -74,7 +74,6 @@ class Guard:
         if scope["method"] == "POST":
             scope[ARRIVING] = True
             self.model.batcher.arriving += 1
-            self.model.batcher.heard_from(scope.get("client"))
         try:
             refusal = self._refusal(scope)
             if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):

@@ -13,11 +13,6 @@ Each call is padded to its own longest row, and each job gets its slice of the
 logits. A job whose request gave up, or whose deadline passed, is not started.
 On a CPU, as many calls run at once as the runtime has threads, one thread each
 (Batcher); a call that is all the work there is takes every thread.
-
-A client alone (one connection, nothing queued or running) gets its short call run
-right where its request was read, on the event loop's thread: handing it to a batcher
-thread and back cost 2.6 ms of its p99 at concurrency 1 on a 2-core Xeon, most of it
-waking a thread on an idle core (scripts/bench_serve.py, an A/B of the two servers).
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import math
 import statistics
 import threading
 import time
@@ -101,10 +95,6 @@ class CallCost:
         per_token = max(large_t - small_t, 0.0) / (large_n - small_n)
         return cls(max(small_t - per_token * small_n, 0.0), per_token)
 
-    def seconds(self, job: Job) -> float:
-        """What a call of this job alone costs."""
-        return self.fixed_s + self.per_token_s * job.rows * job.width
-
     def calls(self, jobs: list[Job]) -> list[list[Job]]:
         """The jobs sorted by length and cut into the runs that cost least in total
         (each run one call, padded to its longest job), shortest first."""
@@ -142,14 +132,6 @@ def pad_batch(jobs: list[Job], pad_id: int) -> dict[str, np.ndarray]:
     return out
 
 
-# A call that short may run on the event loop's thread: a probe, a scrape or a new connection
-# waits for it at most that long.
-INLINE_MAX_S = 0.02
-# A client is alone when no other connection has sent a request for that long (at concurrency 2
-# and up, requests of other connections come every few milliseconds).
-ALONE_S = 0.05
-
-
 class Batcher:
     """`parallel` threads take the calls in turn. `narrow`, the same model on one
     thread of its own, runs a call while others run; a call alone runs on `runtime`,
@@ -167,9 +149,6 @@ class Batcher:
         self.calls: collections.deque[list[Job]] = collections.deque()  # a batch's calls not yet started
         self.running = 0  # calls in the runtime now
         self.arriving = 0  # requests being read or tokenized: more rows are on their way
-        # the connection a request last came from, when, and when another one last sent one
-        # (never, as far as the batcher knows, until the server says: heard_from)
-        self.last_client, self.last_heard, self.others_heard = None, -math.inf, math.inf
         self.cond = threading.Condition()
         self.stopping = False
         self.threads = [threading.Thread(target=self._work, name=f"mk-batcher-{i}", daemon=True)
@@ -177,42 +156,16 @@ class Batcher:
         for t in self.threads:
             t.start()
 
-    def heard_from(self, client) -> None:
-        """A request came from this connection (the ASGI scope's client address and port)."""
-        now = time.monotonic()
-        if client != self.last_client:
-            self.others_heard = self.last_heard
-        self.last_client, self.last_heard = client, now
-
     def submit(self, job: Job) -> None:
-        """Queue the job for a batcher thread, or run it here when its client is alone (then
-        its answer is on its way when this returns)."""
         with self.cond:
             if self.stopping:
                 raise QueueFull("the server is stopping")
             if self.queued_rows and self.queued_rows + job.rows > self.max_queue:
                 raise QueueFull(f"{self.queued_rows} inputs are waiting; the queue holds {self.max_queue}")
-            inline = self._alone(job)
-            if not inline:
-                self.queue.append(job)
-                self.queued_rows += job.rows
-                self.metrics.queue_depth.set(self.queued_rows)
-                self.cond.notify()
-                return
-            job.started = True
-            self.running += 1
-        try:
-            self._run([job], self.runtime)
-        finally:
-            with self.cond:
-                self.running -= 1
-
-    def _alone(self, job: Job) -> bool:
-        """Whether the job may run on the caller's thread (with the lock held): nothing else to run
-        or on its way, no other client, and a call measured to be short (a generation, whose cost
-        is not measured, never)."""
-        return (self.cost is not None and not (self.queue or self.calls or self.running or self.arriving)
-                and time.monotonic() - self.others_heard >= ALONE_S and self.cost.seconds(job) <= INLINE_MAX_S)
+            self.queue.append(job)
+            self.queued_rows += job.rows
+            self.metrics.queue_depth.set(self.queued_rows)
+            self.cond.notify()
 
     def stop(self) -> None:
         """Run what was accepted, then end the threads."""
