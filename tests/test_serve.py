@@ -454,7 +454,11 @@ def test_http_bench_synthetic_ids_stay_in_the_vocabulary():
 
 def test_http_bench_past_the_servers_stated_limits_exit_2(server):
     for args, text in ((["--seq-lens", "100000"], "--seq-lens 100000: longer than the served model's 128 positions"),
-                       (["--batch-sizes", "1,5000"], "--batch-sizes 5000: over the server's limit of 256")):
+                       (["--batch-sizes", "1,5000"], "--batch-sizes 5000: over the server's limit of 256"),
+                       # each within its limit, together over --max-tokens: every request was a 413, then exit 1
+                       (["--batch-sizes", "200", "--seq-lens", "100"],
+                        "--batch-sizes 200 × --seq-lens 100 = 20000 tokens per request: over the server's limit "
+                        "of 16384")):
         proc = mk_cli("bench", "--url", server["url"], "--concurrency", "1", "--iters", "2", *args, env=ENV)
         assert proc.returncode == 2 and f"error: {text}" in proc.stderr, proc.stderr
         assert "concurrency 1" not in proc.stderr and proc.stdout == ""
