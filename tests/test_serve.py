@@ -426,6 +426,16 @@ def test_the_key_is_enforced_off_loopback(served_model):
     assert code == 0 and KEY not in err
 
 
+def test_a_key_no_http_client_can_send_is_refused_at_once(served_model):
+    """A key beyond ASCII was served, and `mk bench --url` then crashed sending it (UnicodeEncodeError):
+    httpx, aiohttp and the openai library send header values as ASCII."""
+    proc = mk_cli("bench", "--url", "http://127.0.0.1:1", "--api-key", "pässwörd-key", "--wait", "0", env=ENV)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --api-key: printable ASCII characters only (it is sent in an HTTP header)"), proc.stderr
+    proc = run_mk("serve", str(served_model), "--port", "0", "--api-key", "pässwörd-key", env=ENV, timeout=60)
+    assert proc.returncode == 2 and "error: --api-key: use at least 8 printable ASCII characters" in proc.stderr
+
+
 def test_http_bench_sends_test_texts(server, tiny_dataset, tmp_path):
     proc = run_mk("bench", "--url", server["url"], "--concurrency", "1,4", "--duration", "1",
                   "--data", str(tiny_dataset), "--json", "--plot", str(tmp_path / "http.png"), env=ENV)
