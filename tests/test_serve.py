@@ -648,6 +648,23 @@ def test_workers_each_answer_and_metrics_sum_over_them(served_model):
     assert code == 0, err
 
 
+def test_a_signal_while_the_workers_load_stops_it_before_it_serves(served_model):
+    """SIGTERM once the workers were started, before they answered: they loaded on, then the URL was
+    printed (after the signal) and mk serve exited 0, as if it had served."""
+    import psutil
+
+    mk = Path(sys.executable).with_name("mk")
+    proc = subprocess.Popen([str(mk), "serve", str(served_model), "--port", "0", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 60
+    while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:  # the parent has loaded
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # a worker takes seconds to import its runtime before it loads
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (130, ""), err
+    assert "serving" not in err and "Traceback" not in err
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with their parent through prctl")
 def test_workers_end_when_their_parent_is_killed(served_model):
     """kill -9 (or the OOM killer) on the parent: its workers kept serving and held the port."""
