@@ -224,7 +224,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         ({"inputs": [tensor("input_ids", [[101, 99999999, 102]])]}, 400, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, -5, 102]])]}, 400, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("token_type_ids", [[0, 7]])]}, 400, "token_type_ids"),
-        ({"inputs": [tensor("input_ids", [[101, 1.7, 102]])]}, 422, "data"),
+        # the refusal named the union's first branch: "inputs.0.data.list[str].0: Input should be a valid string"
+        ({"inputs": [tensor("input_ids", [[101, 1.7, 102]])]}, 422,
+         "inputs.0.data: Input should be a list of strings (BYTES) or of whole numbers (INT types)"),
         # a value its datatype cannot hold was taken as an id (300 as UINT8)
         ({"inputs": [tensor("input_ids", [[101, 300, 102]], "UINT8")]}, 400, "out of the UINT8 range 0..255"),
         ({"inputs": [tensor("input_ids", [[101, -1, 102]], "UINT16")]}, 400, "out of the UINT16 range"),
@@ -240,6 +242,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         status, out = call(infer, "POST", body)
         assert status == code and text in out["error"], (str(body)[:200], status, out)
     assert call(f"{url}/predict", "POST", {"inputs": [["a", "b", "c"]]})[0] == 400
+    assert call(f"{url}/predict", "POST", {"inputs": None}) == (
+        422, {"error": "inputs: Input should be a text, a list of texts, or a list of [text, pair] lists"})
     assert call(f"{url}/v2/models/other/infer", "POST", {"inputs": [tensor("input_ids", [[1]])]})[0] == 404
     assert call(infer, "POST", {"inputs": [tensor("input_ids", [[101, 102]])]})[0] == 200
     # a UTF-8 byte order mark before the JSON (PowerShell's Invoke-RestMethod sends one) is not an error
