@@ -224,7 +224,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         ({"inputs": [tensor("input_ids", [[101, 99999999, 102]])]}, 400, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, -5, 102]])]}, 400, "0..30521"),
         ({"inputs": [tensor("input_ids", [[101, 102]]), tensor("token_type_ids", [[0, 7]])]}, 400, "token_type_ids"),
-        ({"inputs": [tensor("input_ids", [[101, 1.7, 102]])]}, 422, "data"),
+        # the refusal named the union's first branch: "inputs.0.data.list[str].0: Input should be a valid string"
+        ({"inputs": [tensor("input_ids", [[101, 1.7, 102]])]}, 422,
+         "inputs.0.data: Input should be a list of strings (BYTES) or of whole numbers (INT types)"),
         # a value its datatype cannot hold was taken as an id (300 as UINT8)
         ({"inputs": [tensor("input_ids", [[101, 300, 102]], "UINT8")]}, 400, "out of the UINT8 range 0..255"),
         ({"inputs": [tensor("input_ids", [[101, -1, 102]], "UINT16")]}, 400, "out of the UINT16 range"),
@@ -240,6 +242,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
         status, out = call(infer, "POST", body)
         assert status == code and text in out["error"], (str(body)[:200], status, out)
     assert call(f"{url}/predict", "POST", {"inputs": [["a", "b", "c"]]})[0] == 400
+    assert call(f"{url}/predict", "POST", {"inputs": None}) == (
+        422, {"error": "inputs: Input should be a text, a list of texts, or a list of [text, pair] lists"})
     assert call(f"{url}/v2/models/other/infer", "POST", {"inputs": [tensor("input_ids", [[1]])]})[0] == 404
     assert call(infer, "POST", {"inputs": [tensor("input_ids", [[101, 102]])]})[0] == 200
     # a UTF-8 byte order mark before the JSON (PowerShell's Invoke-RestMethod sends one) is not an error
@@ -426,6 +430,16 @@ def test_the_key_is_enforced_off_loopback(served_model):
     assert code == 0 and KEY not in err
 
 
+def test_a_key_no_http_client_can_send_is_refused_at_once(served_model):
+    """A key beyond ASCII was served, and `mk bench --url` then crashed sending it (UnicodeEncodeError):
+    httpx, aiohttp and the openai library send header values as ASCII."""
+    proc = mk_cli("bench", "--url", "http://127.0.0.1:1", "--api-key", "pässwörd-key", "--wait", "0", env=ENV)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --api-key: printable ASCII characters only (it is sent in an HTTP header)"), proc.stderr
+    proc = run_mk("serve", str(served_model), "--port", "0", "--api-key", "pässwörd-key", env=ENV, timeout=60)
+    assert proc.returncode == 2 and "error: --api-key: use at least 8 printable ASCII characters" in proc.stderr
+
+
 def test_http_bench_sends_test_texts(server, tiny_dataset, tmp_path):
     proc = run_mk("bench", "--url", server["url"], "--concurrency", "1,4", "--duration", "1",
                   "--data", str(tiny_dataset), "--json", "--plot", str(tmp_path / "http.png"), env=ENV)
@@ -454,7 +468,11 @@ def test_http_bench_synthetic_ids_stay_in_the_vocabulary():
 
 def test_http_bench_past_the_servers_stated_limits_exit_2(server):
     for args, text in ((["--seq-lens", "100000"], "--seq-lens 100000: longer than the served model's 128 positions"),
-                       (["--batch-sizes", "1,5000"], "--batch-sizes 5000: over the server's limit of 256")):
+                       (["--batch-sizes", "1,5000"], "--batch-sizes 5000: over the server's limit of 256"),
+                       # each within its limit, together over --max-tokens: every request was a 413, then exit 1
+                       (["--batch-sizes", "200", "--seq-lens", "100"],
+                        "--batch-sizes 200 × --seq-lens 100 = 20000 tokens per request: over the server's limit "
+                        "of 16384")):
         proc = mk_cli("bench", "--url", server["url"], "--concurrency", "1", "--iters", "2", *args, env=ENV)
         assert proc.returncode == 2 and f"error: {text}" in proc.stderr, proc.stderr
         assert "concurrency 1" not in proc.stderr and proc.stdout == ""
@@ -632,6 +650,23 @@ def test_workers_each_answer_and_metrics_sum_over_them(served_model):
     finally:
         code, err = stop(proc)
     assert code == 0, err
+
+
+def test_a_signal_while_the_workers_load_stops_it_before_it_serves(served_model):
+    """SIGTERM once the workers were started, before they answered: they loaded on, then the URL was
+    printed (after the signal) and mk serve exited 0, as if it had served."""
+    import psutil
+
+    mk = Path(sys.executable).with_name("mk")
+    proc = subprocess.Popen([str(mk), "serve", str(served_model), "--port", "0", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 60
+    while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:  # the parent has loaded
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # a worker takes seconds to import its runtime before it loads
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (130, ""), err
+    assert "serving" not in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with their parent through prctl")

@@ -295,18 +295,24 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
         timeout: float = 30.0, seed: int = 0, api_key: str | None = None) -> dict:
     """Drive the server at each concurrency level; return the `mk.bench/1` result (mode http)."""
     url = base_url(url)
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise BadInput("--api-key: printable ASCII characters only (it is sent in an HTTP header)")
     duration = 10.0 if duration is None and iters is None else duration
     log.info("waiting for %s to be ready (at most %g s)", url, wait)
     wait_ready(url, wait, api_key)
     name, meta = discover_model(url, model, timeout, api_key)
     # limits the server states in its metadata (mk serve does): every request past them would be refused
     params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
-    max_seq, max_batch = params.get("max_sequence_length"), params.get("max_batch_size")
+    max_seq, max_batch, max_tokens = (params.get(k) for k in ("max_sequence_length", "max_batch_size", "max_tokens"))
     if data is None and isinstance(max_seq, int) and seq > max_seq:
         raise BadInput(f"--seq-lens {seq}: longer than the served model's {max_seq} positions",
                        hint=f"use --seq-lens {max_seq} or less")
     if isinstance(max_batch, int) and max(batch_sizes) > max_batch:
         raise BadInput(f"--batch-sizes {max(batch_sizes)}: over the server's limit of {max_batch} per request")
+    if data is None and isinstance(max_tokens, int) and max(batch_sizes) * seq > max_tokens:
+        raise BadInput(f"--batch-sizes {max(batch_sizes)} × --seq-lens {seq} = {max(batch_sizes) * seq} tokens "
+                       f"per request: over the server's limit of {max_tokens}",
+                       hint=f"use at most {max_tokens // seq} per batch at this length")
     split, texts, dataset_path, score = None, None, None, True
     if data is not None:
         from mk.core.dataset import label_mismatch, load_split, open_dataset

@@ -35,8 +35,10 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def check_key(api_key: str | None) -> None:
-    if api_key is not None and (len(api_key) < 8 or not api_key.isprintable() or " " in api_key):
-        raise BadInput("--api-key: use at least 8 printable characters without spaces")
+    # ASCII: HTTP clients (httpx, the openai library, aiohttp, mk bench --url) cannot send anything else in a header
+    if api_key is not None and (len(api_key) < 8 or not api_key.isascii() or not api_key.isprintable()
+                                or " " in api_key):
+        raise BadInput("--api-key: use at least 8 printable ASCII characters without spaces")
 
 
 def authorized(header: bytes | None, api_key: bytes) -> bool:

@@ -7,9 +7,11 @@ KServe v2 / Open Inference Protocol for `/v2/models/{name}/infer`, and the
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      WrapValidator, model_validator)
+from pydantic_core import PydanticCustomError
 
 INT_TYPES = ("INT64", "INT32", "INT16", "INT8", "UINT8", "UINT16", "UINT32")
 TEXT_INPUTS = ("text", "text_pair")
@@ -18,13 +20,25 @@ ID_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 Parameters = dict[str, Union[StrictStr, StrictInt, StrictFloat, StrictBool]]
 
 
+def _one_of(what: str) -> WrapValidator:
+    """A union's refusal said as what it takes: pydantic's names its first branch, which misleads
+    (`data.list[str].0: Input should be a valid string` for an INT64 tensor's 1.5)."""
+    def validate(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", f"Input should be {what}") from None
+    return WrapValidator(validate)
+
+
 class InputTensor(BaseModel):
     name: StrictStr
     shape: list[StrictInt] = Field(max_length=2)
     datatype: Literal["BYTES", "INT64", "INT32", "INT16", "INT8", "UINT8", "UINT16", "UINT32"]
     # strings for BYTES, whole numbers for the INT types; flat in row-major order, or nested as the shape
     # is (the protocol allows both: tritonclient sends flat data, many hand-written clients nested rows)
-    data: Union[list[StrictStr], list[StrictInt], list[list[StrictStr]], list[list[StrictInt]]]
+    data: Annotated[Union[list[StrictStr], list[StrictInt], list[list[StrictStr]], list[list[StrictInt]]],
+                    _one_of("a list of strings (BYTES) or of whole numbers (INT types), flat or nested as the shape")]
     parameters: Optional[Parameters] = None
 
     @model_validator(mode="after")
@@ -110,7 +124,8 @@ class PredictRequest(BaseModel):
     a pair is always a nested list, `[["text", "pair"]]`."""
 
     model_config = ConfigDict(extra="ignore")
-    inputs: Union[StrictStr, list[Sequence]]
+    inputs: Annotated[Union[StrictStr, list[Sequence]],
+                      _one_of("a text, a list of texts, or a list of [text, pair] lists")]
     truncate: Optional[StrictBool] = None
     raw_scores: StrictBool = False
 

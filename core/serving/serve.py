@@ -215,14 +215,32 @@ def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, c
             env["MK_API_KEY"] = api_key
         os.environ.update(env)  # the spawned workers inherit it
 
+        config = _uvicorn_config("mk.core.serving.serve:worker_app", opts, factory=True)
+        supervisor = Multiprocess(config, sockets=[sock])  # its signal handlers replace run()'s
+        lock, state = threading.Lock(), {"serving": False, "stopped": False}
+
+        def on_signal(signum, frame):
+            with lock:  # a signal before every worker answers stops mk serve (exit 130), as during the load
+                state["stopped"] = state["stopped"] or not state["serving"]
+            supervisor.signal_queue.append(signum)  # the supervisor stops its workers
+
         def announce():
             while len(list(ready_dir.iterdir())) < opts.workers:
+                if state["stopped"]:
+                    return
                 time.sleep(0.1)
+            with lock:
+                if state["stopped"]:
+                    return
+                state["serving"] = True
             on_ready()
 
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
         threading.Thread(target=announce, daemon=True).start()
-        config = _uvicorn_config("mk.core.serving.serve:worker_app", opts, factory=True)
-        Multiprocess(config, sockets=[sock]).run()
+        supervisor.run()
+    if state["stopped"]:
+        raise KeyboardInterrupt
 
 
 def _end_with_parent(parent: int) -> None:
@@ -248,7 +266,15 @@ def worker_app():
     _end_with_parent(spec["parent"])
     options = spec["options"]
     opts = ServeOptions(**{**options, "limits": Limits(**options["limits"])})
-    model = load_model(open_artifact(spec["path"], kind="model"), opts,
-                       CallCost(**spec["cost"]) if spec["cost"] else None)
+
+    def stop_loading(signum, frame):  # uvicorn would hold the signal until the model had loaded and served
+        raise SystemExit(130)
+    previous = {s: signal.signal(s, stop_loading) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        model = load_model(open_artifact(spec["path"], kind="model"), opts,
+                           CallCost(**spec["cost"]) if spec["cost"] else None)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     ready = Path(spec["ready_dir"], str(os.getpid()))
     return create_app(model, os.environ.get("MK_API_KEY"), ready.touch)
