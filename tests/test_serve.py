@@ -399,6 +399,24 @@ def test_sigterm_during_load_answers_every_accepted_request(served_model, tweets
     assert "Traceback" not in err
 
 
+def test_a_body_that_never_arrives_is_not_waited_for_past_the_deadline(served_model):
+    """A client that sends its headers and never its body was held forever (uvicorn has no body timeout)."""
+    url, proc = start(served_model, "--timeout", "1")
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v2/models/tiny-onnx/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            t0 = time.monotonic()
+            answer = s.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer, answer
+        assert time.monotonic() - t0 < 5
+        body = {"inputs": [texts_tensor("text", ["still serving"])]}
+        assert call(f"{url}/v2/models/tiny-onnx/infer", "POST", body)[0] == 200
+    finally:
+        code, _ = stop(proc)
+    assert code == 0
+
+
 def test_the_key_is_enforced_off_loopback(served_model):
     proc = mk_cli("serve", str(served_model), "--port", "0", "--host", "0.0.0.0", env=ENV)
     assert proc.returncode == 2 and "error: --host 0.0.0.0: reachable from the network, and no API key" \
@@ -416,6 +434,8 @@ def test_the_key_is_enforced_off_loopback(served_model):
         assert call(f"{loop}/openapi.json")[0] == 401
         for open_route in ("/v2/health/ready", "/v2/health/live", "/metrics"):
             assert call(f"{loop}{open_route}")[0] == 200
+            # a probe configured with a trailing slash is redirected, not refused (it was a 401)
+            assert httpx.get(f"{loop}{open_route}/", follow_redirects=True, timeout=30).status_code == 200
         bench = run_mk("bench", "--url", loop, "--concurrency", "1", "--iters", "3", "--seq-lens", "16",
                        env={**ENV, "MK_API_KEY": KEY})
         assert bench.returncode == 0, bench.stderr

@@ -21,6 +21,7 @@ OpenAI's error object, {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
@@ -39,8 +40,7 @@ from mk.core.serving.openai_protocol import error_body
 from mk.core.serving.auth import OPEN_PATHS, authorized
 from mk.core.serving.model import ARRIVING, ServedModel
 
-ERRORS = {400: {"model": p.Error}, 401: {"model": p.Error}, 404: {"model": p.Error}, 413: {"model": p.Error},
-          422: {"model": p.Error}, 503: {"model": p.Error}, 504: {"model": p.Error}}
+ERRORS = {code: {"model": p.Error} for code in (400, 401, 404, 408, 413, 422, 503, 504)}
 INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 TIMED_PATHS = frozenset({*INFER_PATHS, "/predict", "/v1/chat/completions", "/v1/completions"})
 
@@ -92,7 +92,8 @@ class Guard:
             self.model.metrics.answered(route, status[0], time.perf_counter() - t0 if route in TIMED_PATHS else None)
 
     def _refusal(self, scope) -> Response | None:
-        if self.key is None or scope["path"] in OPEN_PATHS:
+        # with a trailing slash too: the route redirects there, a probe so configured follows it
+        if self.key is None or scope["path"].rstrip("/") in OPEN_PATHS:
             return None
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         if authorized(header, self.key):
@@ -109,8 +110,13 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             return too_big()
         chunks, size = [], 0
+        deadline = time.monotonic() + self.model.limits.timeout_s
         while True:
-            message = await receive()
+            try:  # uvicorn waits for a body forever; a client that never sends it is not waited for past the deadline
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                return b"", _json(408, f"the request body did not arrive within {self.model.limits.timeout_s:g} s",
+                                  {"Connection": "close"}, path=scope["path"])
             if message["type"] == "http.disconnect":
                 return b"", _json(400, "the client went away", path=scope["path"])
             chunk = message.get("body", b"")
