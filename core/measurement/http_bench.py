@@ -295,7 +295,9 @@ def run(url: str, concurrency: list[int], duration: float | None, iters: int | N
         timeout: float = 30.0, seed: int = 0, api_key: str | None = None) -> dict:
     """Drive the server at each concurrency level; return the `mk.bench/1` result (mode http)."""
     url = base_url(url)
-    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+    from mk.core.serving.auth import sendable
+
+    if api_key is not None and not sendable(api_key):  # a key of any server's, not only mk serve's rules
         raise BadInput("--api-key: printable ASCII characters only (it is sent in an HTTP header)")
     duration = 10.0 if duration is None and iters is None else duration
     log.info("waiting for %s to be ready (at most %g s)", url, wait)

@@ -34,10 +34,14 @@ def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
                         "--insecure serves without one on purpose")
 
 
+def sendable(api_key: str) -> bool:
+    """Whether a key can travel in an HTTP header: HTTP clients (httpx, the openai library,
+    aiohttp, mk bench --url) send printable ASCII there and nothing else."""
+    return api_key.isascii() and api_key.isprintable()
+
+
 def check_key(api_key: str | None) -> None:
-    # ASCII: HTTP clients (httpx, the openai library, aiohttp, mk bench --url) cannot send anything else in a header
-    if api_key is not None and (len(api_key) < 8 or not api_key.isascii() or not api_key.isprintable()
-                                or " " in api_key):
+    if api_key is not None and (len(api_key) < 8 or not sendable(api_key) or " " in api_key):
         raise BadInput("--api-key: use at least 8 printable ASCII characters without spaces")
 
 

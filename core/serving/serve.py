@@ -7,6 +7,7 @@ accepted (uvicorn waits for them), then runs the batcher dry and returns."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -148,6 +149,20 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """SIGINT and SIGTERM handled by `handler` within the block, as before it after."""
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _uvicorn_config(app, opts: ServeOptions, factory: bool = False):
     import uvicorn
 
@@ -178,8 +193,7 @@ def run(art: Artifact, opts: ServeOptions, api_key: str | None, on_ready, on_loa
         serving.set()
         on_ready(url)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals(on_signal), contextlib.closing(sock):
         on_loading()
         model = load_model(art, opts)
         if opts.workers == 1:
@@ -194,10 +208,6 @@ def run(art: Artifact, opts: ServeOptions, api_key: str | None, on_ready, on_loa
         cost = model.batcher.cost
         del model
         _run_workers(art, opts, api_key, sock, cost, ready)
-    finally:
-        sock.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, cost: CallCost | None,
@@ -235,7 +245,7 @@ def _run_workers(art: Artifact, opts: ServeOptions, api_key: str | None, sock, c
                 state["serving"] = True
             on_ready()
 
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:
             signal.signal(s, on_signal)
         threading.Thread(target=announce, daemon=True).start()
         supervisor.run()
@@ -269,12 +279,8 @@ def worker_app():
 
     def stop_loading(signum, frame):  # uvicorn would hold the signal until the model had loaded and served
         raise SystemExit(130)
-    previous = {s: signal.signal(s, stop_loading) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals(stop_loading):
         model = load_model(open_artifact(spec["path"], kind="model"), opts,
                            CallCost(**spec["cost"]) if spec["cost"] else None)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     ready = Path(spec["ready_dir"], str(os.getpid()))
     return create_app(model, os.environ.get("MK_API_KEY"), ready.touch)
